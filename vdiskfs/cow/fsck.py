@@ -1,0 +1,130 @@
+"""Offline consistency check of a pool (``vdiskfs fsck``): one function per invariant.
+
+The pool is opened read-only under its lock (so never while mounted): header, checkpoint and
+every journal record must decode and apply (a record that does not is reported, nothing is
+served from it); then the refcounts are recomputed from the maps and compared.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from dataclasses import dataclass, field
+
+from .errors import FormatError
+from .meta import Metadata
+from .pool import Pool
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        return not self.errors
+
+
+def _limit(items: list[str], what: str, n: int = 20) -> list[str]:
+    return items[:n] + ([f"... and {len(items) - n} more {what}"] if len(items) > n else [])
+
+
+def check_vdisks(m: Metadata, r: Report) -> None:
+    from . import names
+    seen = {}
+    for vd in m.vdisks.values():
+        if vd.name is None:
+            r.notes.append(f"VDisk {vd.vid} was unlinked while open; the next mount frees it")
+        elif not names.valid(vd.name):
+            r.errors.append(f"VDisk {vd.vid} has an invalid name {vd.name!r}")
+        elif vd.name in seen:
+            r.errors.append(f"VDisks {seen[vd.name]} and {vd.vid} share the name {vd.name}")
+        else:
+            seen[vd.name] = vd.vid
+        if m.names.get(vd.name, vd.vid) != vd.vid:
+            r.errors.append(f"name index of {vd.name} is wrong")
+        if len(vd.ptab) != m.pages_for(vd.size):
+            r.errors.append(f"VDisk {vd.name}: page table length {len(vd.ptab)} does not "
+                            f"match size {vd.size}")
+        if vd.vid >= m.next_vid:
+            r.errors.append(f"VDisk id {vd.vid} is not below next_vid {m.next_vid}")
+
+
+def check_page_refs(m: Metadata, r: Report) -> None:
+    """Invariant 3 for pages: page_ref[pid] == number of page-table entries naming pid."""
+    count = array("I", bytes(4 * len(m.page_ref)))
+    missing = []
+    for vd in m.vdisks.values():
+        for pidx, pid in enumerate(vd.ptab):
+            if not pid:
+                continue
+            if pid not in m.pages or pid >= len(count):
+                missing.append(f"VDisk {vd.name or vd.vid} page {pidx} names missing page {pid}")
+                continue
+            count[pid] += 1
+    bad = [f"page {pid}: refcount {m.page_ref[pid]}, referenced {count[pid]} times"
+           for pid in range(1, len(count)) if count[pid] != m.page_ref[pid]]
+    leaked = [f"page {pid} is stored but not referenced"
+              for pid in m.pages if pid < len(count) and count[pid] == 0]
+    r.errors += _limit(missing, "missing pages") + _limit(bad, "page refcount errors")
+    r.errors += _limit(leaked, "leaked pages")
+    r.stats["pages"] = len(m.pages)
+
+
+def check_slot_refs(m: Metadata, data_size: int, r: Report) -> None:
+    """Invariant 3 for slots; a slot past the data file's end would have lost its data."""
+    count = array("I", bytes(4 * max(len(m.slot_ref), 1)))
+    beyond = []
+    for pid, page in m.pages.items():
+        for s in page:
+            if not s:
+                continue
+            if s >= len(count):
+                count.extend(array("I", bytes(4 * (s + 1 - len(count)))))
+            count[s] += 1
+    refs = m.slot_ref
+    bad, leaked, double = [], [], []
+    for s in range(1, len(count)):
+        have = refs[s] if s < len(refs) else 0
+        c = count[s]
+        if c == have:
+            if c and s * m.chunk_size >= data_size:
+                beyond.append(f"slot {s} is mapped but lies past the end of the data file")
+            continue
+        if c == 0:
+            leaked.append(f"slot {s} has refcount {have} but no map points at it (leaked)")
+        elif c > have:
+            double.append(f"slot {s} is referenced {c} times but its refcount is {have} "
+                          "(double-owned: a write could change another VDisk)")
+        else:
+            bad.append(f"slot {s}: refcount {have}, referenced {c} times")
+    r.errors += _limit(leaked, "leaked slots") + _limit(double, "double-owned slots")
+    r.errors += _limit(bad, "slot refcount errors") + _limit(beyond, "lost slots")
+    r.stats["slots_in_use"] = sum(1 for c in count if c)
+
+
+def fsck(path: str) -> Report:
+    r = Report()
+    try:
+        pool = Pool(path, readonly=True)
+    except FormatError as e:
+        r.errors.append(f"unreadable metadata: {e}")
+        return r
+    try:
+        m = pool.meta
+        if pool.journal.torn_bytes:
+            r.notes.append(f"journal ends in a torn record of {pool.journal.torn_bytes} bytes "
+                           "(a crash cut it; the next mount discards it)")
+        data_size = os.fstat(pool.store.fd).st_size
+        check_vdisks(m, r)
+        check_page_refs(m, r)
+        check_slot_refs(m, data_size, r)
+        r.stats.update(vdisks=len(m.vdisks), replayed=pool.replayed,
+                       chunk_size=pool.chunk_size, journal=pool.journal.gen,
+                       data_bytes=pool.store.allocated_bytes())
+    finally:
+        pool.close(commit=False)
+    return r
+

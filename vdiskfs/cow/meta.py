@@ -1,0 +1,309 @@
+"""The metadata state of a pool and the operations that change it.
+
+Model (dm-thin style two-level sharing):
+
+- A VDisk has a *page table* ``ptab``: ``array('Q')`` of page ids, one per PE chunks of its
+  address space (PE = page_entries). Page id 0 means "no page: all holes".
+- A *page* is ``array('Q')`` of PE slot numbers. Slot 0 means "hole, reads zeros".
+- ``page_ref[pid]`` = number of page-table entries (over all VDisks) naming page pid.
+- ``slot_ref[s]``  = number of page entries (over all live pages) naming slot s.
+  A slot is therefore shared between VDisks if its page is shared *or* its refcount > 1.
+
+Every change to this state is an *op* (a short list, first element its name) applied by
+``apply``; the same method runs live and during journal replay, so replay cannot drift
+from what the daemon did. Ops carry every id the live code chose (new page ids, new slots),
+so they are deterministic. The ops:
+
+    ["vnew",  vid, name, size, props]   create a VDisk (empty page table)
+    ["vset",  vid, key, value]          set "name" (None = unlinked, still open) or a prop
+    ["vsize", vid, size]                resize; drops pages wholly past the end
+    ["pcow",  vid, pidx, pid]           give ptab[pidx] a private page pid: a zero page if
+                                        there was none, else a copy of the shared page
+                                        (its slots gain a reference, the old page loses one)
+    ["eset",  vid, cidx, slot]          point chunk cidx (on a private page) at a fresh slot,
+                                        or at 0; the old slot loses a reference
+    ["vshare", src, dst, p0, p1]        dst.ptab[p0:p1] = src.ptab[p0:p1], pages gain a
+                                        reference (the clone primitive)
+    ["vdel",  vid]                      delete a VDisk, releasing its pages
+
+Preconditions are checked even during replay: a journal that does not fit the checkpoint
+is reported as corrupt instead of being applied to the wrong state.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any, Callable
+
+from . import codec
+from .codec import FormatError
+
+
+class VDisk:
+    __slots__ = ("vid", "name", "size", "props", "ptab", "nalloc")
+
+    def __init__(self, vid: int, name: str | None, size: int, props: dict, ptab: array):
+        self.vid = vid
+        self.name = name
+        self.size = size
+        self.props = props
+        self.ptab = ptab
+        self.nalloc = 0  # chunks mapped (nonzero entries), kept for st_blocks
+
+
+class Metadata:
+    def __init__(self, chunk_size: int, page_entries: int):
+        self.chunk_size = chunk_size
+        self.page_entries = page_entries
+        self.vdisks: dict[int, VDisk] = {}
+        self.names: dict[str, int] = {}
+        self.pages: dict[int, array] = {}
+        self.page_ref = array("I", [0])   # pid 0 is never a page
+        self.slot_ref = array("I", [0])   # slot 0 is never a slot
+        self.next_vid = 1
+        self.jobs: dict[int, dict] = {}   # clone jobs (control plane), kept as data
+        # Filled by apply() as references drop; the live engine drains them at commit.
+        self.freed_slots: list[int] = []
+        self.freed_pids: list[int] = []
+        # Slots and pages whose refcount dropped since the last durable commit: their
+        # durable refcount may still be higher, so data must not be overwritten in place.
+        self.unstable_slots: set[int] = set()
+        self.unstable_pages: set[int] = set()
+        self._ops: dict[str, Callable[..., None]] = {
+            "vnew": self._vnew, "vset": self._vset, "vsize": self._vsize,
+            "pcow": self._pcow, "eset": self._eset, "vshare": self._vshare,
+            "vdel": self._vdel,
+        }
+
+    # ----------------------------------------------------------------- geometry
+    def pages_for(self, size: int) -> int:
+        span = self.chunk_size * self.page_entries
+        return (size + span - 1) // span
+
+    def chunks_for(self, size: int) -> int:
+        return (size + self.chunk_size - 1) // self.chunk_size
+
+    # ----------------------------------------------------------------- lookups
+    def slot_of(self, vd: VDisk, cidx: int) -> int:
+        pidx, i = divmod(cidx, self.page_entries)
+        if pidx >= len(vd.ptab):
+            return 0
+        pid = vd.ptab[pidx]
+        return self.pages[pid][i] if pid else 0
+
+    def by_name(self, name: str) -> VDisk | None:
+        vid = self.names.get(name)
+        return self.vdisks[vid] if vid is not None else None
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, op: list) -> None:
+        try:
+            fn = self._ops[op[0]]
+        except (KeyError, IndexError, TypeError):
+            raise FormatError(f"unknown metadata operation {op!r:.80}") from None
+        try:
+            fn(*op[1:])
+        except FormatError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError) as e:
+            raise FormatError(f"operation {op!r:.80} does not fit the metadata: {e!r}") from None
+
+    def _vd(self, vid: int) -> VDisk:
+        vd = self.vdisks.get(vid)
+        if vd is None:
+            raise FormatError(f"no VDisk with id {vid}")
+        return vd
+
+    def _vnew(self, vid: int, name: str, size: int, props: dict) -> None:
+        if vid in self.vdisks or name in self.names:
+            raise FormatError(f"VDisk {vid} ({name}) exists already")
+        vd = VDisk(vid, name, size, dict(props), array("Q", bytes(8 * self.pages_for(size))))
+        self.vdisks[vid] = vd
+        self.names[name] = vid
+        self.next_vid = max(self.next_vid, vid + 1)
+
+    def _vset(self, vid: int, key: str, value: Any) -> None:
+        vd = self._vd(vid)
+        if key == "name":
+            if value is not None and self.names.get(value, vid) != vid:
+                raise FormatError(f"name {value} is taken")
+            if vd.name is not None:
+                del self.names[vd.name]
+            vd.name = value
+            if value is not None:
+                self.names[value] = vid
+        else:
+            vd.props[key] = value
+
+    def _vsize(self, vid: int, size: int) -> None:
+        vd = self._vd(vid)
+        if size < 0:
+            raise FormatError("negative size")
+        npages = self.pages_for(size)
+        while len(vd.ptab) > npages:
+            pid = vd.ptab.pop()
+            if pid:
+                vd.nalloc -= self._nonzero(pid)
+                self._page_decref(pid)
+        if len(vd.ptab) < npages:
+            vd.ptab.extend(array("Q", bytes(8 * (npages - len(vd.ptab)))))
+        vd.size = size
+
+    def _pcow(self, vid: int, pidx: int, pid: int) -> None:
+        vd = self._vd(vid)
+        if pid <= 0 or (pid < len(self.page_ref) and self.page_ref[pid]):
+            raise FormatError(f"page {pid} is in use")
+        old = vd.ptab[pidx]
+        if old:
+            src = self.pages[old]
+            page = array("Q", src)
+            slot_ref = self.slot_ref
+            for s in page:
+                if s:
+                    slot_ref[s] += 1
+        else:
+            page = array("Q", bytes(8 * self.page_entries))
+        self._grow(self.page_ref, pid)
+        self.page_ref[pid] = 1
+        self.pages[pid] = page
+        vd.ptab[pidx] = pid
+        if old:
+            self._page_decref(old)
+
+    def _eset(self, vid: int, cidx: int, slot: int) -> None:
+        vd = self._vd(vid)
+        pidx, i = divmod(cidx, self.page_entries)
+        pid = vd.ptab[pidx]
+        if not pid or self.page_ref[pid] != 1:
+            raise FormatError(f"eset on a shared or missing page (VDisk {vid} chunk {cidx})")
+        page = self.pages[pid]
+        old = page[i]
+        if slot:
+            if slot < len(self.slot_ref) and self.slot_ref[slot]:
+                raise FormatError(f"slot {slot} is in use")
+            self._grow(self.slot_ref, slot)
+            self.slot_ref[slot] = 1
+            if not old:
+                vd.nalloc += 1
+        elif old:
+            vd.nalloc -= 1
+        page[i] = slot
+        if old:
+            self._slot_decref(old)
+
+    def _vshare(self, src: int, dst: int, p0: int, p1: int) -> None:
+        s, d = self._vd(src), self._vd(dst)
+        if p1 > len(s.ptab) or p1 > len(d.ptab) or p0 < 0 or p0 > p1:
+            raise FormatError("vshare range out of bounds")
+        page_ref = self.page_ref
+        for pidx in range(p0, p1):
+            if d.ptab[pidx]:
+                raise FormatError(f"vshare onto a mapped page (VDisk {dst} page {pidx})")
+            pid = s.ptab[pidx]
+            if pid:
+                page_ref[pid] += 1
+                d.ptab[pidx] = pid
+                d.nalloc += self._nonzero(pid)
+
+    def _vdel(self, vid: int) -> None:
+        vd = self._vd(vid)
+        for pid in vd.ptab:
+            if pid:
+                self._page_decref(pid)
+        if vd.name is not None:
+            del self.names[vd.name]
+        del self.vdisks[vid]
+
+    # ----------------------------------------------------------------- refcounts
+    @staticmethod
+    def _grow(a: array, idx: int) -> None:
+        if idx >= len(a):
+            a.extend(array(a.typecode, bytes(a.itemsize * (max(idx + 1, 2 * len(a)) - len(a)))))
+
+    def _nonzero(self, pid: int) -> int:
+        return self.page_entries - self.pages[pid].count(0)
+
+    def _page_decref(self, pid: int) -> None:
+        self.page_ref[pid] -= 1
+        self.unstable_pages.add(pid)
+        if self.page_ref[pid] == 0:
+            for s in self.pages.pop(pid):
+                if s:
+                    self._slot_decref(s)
+            self.freed_pids.append(pid)
+
+    def _slot_decref(self, s: int) -> None:
+        self.slot_ref[s] -= 1
+        self.unstable_slots.add(s)
+        if self.slot_ref[s] == 0:
+            self.freed_slots.append(s)
+
+    def exclusive(self, pid: int, slot: int) -> bool:
+        """May the data of ``slot`` (on page ``pid``) be overwritten in place?"""
+        return (self.page_ref[pid] == 1 and self.slot_ref[slot] == 1
+                and pid not in self.unstable_pages and slot not in self.unstable_slots)
+
+    # ----------------------------------------------------------------- figures
+    def usage(self, vd: VDisk) -> tuple[int, int]:
+        """(allocated, unique) bytes of a VDisk; shared = allocated - unique."""
+        unique = 0
+        slot_ref = self.slot_ref
+        for pid in vd.ptab:
+            if pid and self.page_ref[pid] == 1:
+                unique += sum(1 for s in self.pages[pid] if s and slot_ref[s] == 1)
+        return vd.nalloc * self.chunk_size, unique * self.chunk_size
+
+    def slots_in_use(self) -> int:
+        return len(self.slot_ref) - self.slot_ref.count(0)
+
+    # ----------------------------------------------------------------- (de)serialise
+    def to_record(self, gen: int) -> dict:
+        pids = array("Q", sorted(self.pages))
+        blob = bytearray()
+        for pid in pids:
+            blob += codec.array_to_bin(self.pages[pid])
+        return {
+            "kind": "checkpoint", "v": codec.FORMAT_VERSION, "gen": gen,
+            "chunk_size": self.chunk_size, "page_entries": self.page_entries,
+            "next_vid": self.next_vid,
+            "vdisks": [{"vid": vd.vid, "name": vd.name, "size": vd.size, "props": vd.props,
+                        "ptab": codec.array_to_bin(vd.ptab)} for vd in self.vdisks.values()],
+            "page_ids": codec.array_to_bin(pids), "pages": bytes(blob),
+            "page_ref": codec.array_to_bin(self.page_ref),
+            "slot_ref": codec.array_to_bin(self.slot_ref),
+            "jobs": list(self.jobs.values()),
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict, what: str) -> "Metadata":
+        codec.check_version(rec, "checkpoint", what)
+        try:
+            m = cls(rec["chunk_size"], rec["page_entries"])
+            m.next_vid = rec["next_vid"]
+            pe = m.page_entries
+            pids = codec.array_from_bin("Q", rec["page_ids"], what)
+            blob = codec.array_from_bin("Q", rec["pages"], what)
+            if len(blob) != len(pids) * pe:
+                raise FormatError(f"{what}: page data does not match the page ids")
+            for n, pid in enumerate(pids):
+                m.pages[pid] = blob[n * pe:(n + 1) * pe]
+            m.page_ref = codec.array_from_bin("I", rec["page_ref"], what)
+            m.slot_ref = codec.array_from_bin("I", rec["slot_ref"], what)
+            for d in rec["vdisks"]:
+                vd = VDisk(d["vid"], d["name"], d["size"], d["props"],
+                           codec.array_from_bin("Q", d["ptab"], what))
+                if len(vd.ptab) != m.pages_for(vd.size):
+                    raise FormatError(f"{what}: VDisk {vd.vid} page table has the wrong length")
+                for pid in vd.ptab:
+                    if pid:
+                        vd.nalloc += m._nonzero(pid)
+                m.vdisks[vd.vid] = vd
+                if vd.name is not None:
+                    m.names[vd.name] = vd.vid
+            for job in rec["jobs"]:
+                m.jobs[job["id"]] = job
+        except FormatError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{what}: malformed checkpoint ({e!r})") from None
+        return m

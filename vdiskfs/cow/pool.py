@@ -1,0 +1,591 @@
+"""A pool: VDisks as copy-on-write maps over refcounted chunks, with durable metadata.
+
+This is the engine's public face. It is synchronous and single-threaded by contract: the
+caller (the FUSE layer's trio loop, fsck, tests) makes every call from one thread. The one
+exception is ``Commit.run`` / ``Checkpoint.run``, the blocking part of making things
+durable, which touches only immutable snapshots, the data file's fd and the journal file,
+so it may run in a worker thread while the loop keeps serving.
+
+Write path (``write``): per chunk, overwrite in place when the chunk is exclusively and
+stably owned (one pwrite, no metadata); otherwise copy-on-write into a fresh slot and record
+the new mapping in the current transaction.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import time
+
+from . import codec, journal as journal_mod, layout, names
+from .chunkstore import ChunkStore
+from .errors import FormatError, PoolBusy, VDiskError
+from .meta import Metadata, VDisk
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LBA_SIZE = 512
+LBA_SIZES = (512, 4096)
+MAX_VDISK_SIZE = 1 << 50          # 1 PiB of address space per VDisk
+CHECKPOINT_JOURNAL_BYTES = 64 << 20
+
+
+class Commit:
+    """One group commit: data sync, then the journal records, then release freed slots."""
+
+    def __init__(self, pool: "Pool"):
+        self.pool = pool
+        self.data = pool.journal.take()
+        self.offset = pool.journal.end
+        m = pool.meta
+        self.freed_slots, m.freed_slots = m.freed_slots, []
+        self.freed_pids, m.freed_pids = m.freed_pids, []
+        self.unstable = (m.unstable_slots, m.unstable_pages)
+        m.unstable_slots, m.unstable_pages = set(), set()
+        pool._inflight.append(self.unstable)
+
+    def run(self) -> None:
+        p = self.pool
+        if p.sync_data:
+            p.store.sync()
+        if self.data:
+            p.journal.write_at(self.offset, self.data)
+        p.store.release(self.freed_slots)
+
+    def finish(self) -> None:
+        p = self.pool
+        p.journal.end = self.offset + len(self.data)
+        p.free_slots.extend(self.freed_slots)
+        p.free_pids.extend(self.freed_pids)
+        p._inflight.remove(self.unstable)
+
+    def abort(self) -> None:
+        """The run failed: keep everything for the next try."""
+        p, m = self.pool, self.pool.meta
+        p.journal.put_back(self.data)
+        m.freed_slots[:0] = self.freed_slots
+        m.freed_pids[:0] = self.freed_pids
+        m.unstable_slots |= self.unstable[0]
+        m.unstable_pages |= self.unstable[1]
+        p._inflight.remove(self.unstable)
+
+
+class Checkpoint(Commit):
+    """A commit that writes the whole state and starts a fresh journal generation."""
+
+    def __init__(self, pool: "Pool"):
+        super().__init__(pool)
+        self.gen = pool.journal.gen + 1
+        self.record = codec.frame_record(pool.meta.to_record(self.gen))
+
+    def run(self) -> None:
+        p = self.pool
+        if p.sync_data:
+            p.store.sync()
+        layout.write_file_atomic(p.path, layout.CHECKPOINT, self.record)
+        p.journal.replace(self.gen)
+        p.store.release(self.freed_slots)
+
+    def finish(self) -> None:
+        self.offset = self.pool.journal.end
+        self.data = b""
+        super().finish()
+
+
+class Pool:
+    def __init__(self, path: str, *, readonly: bool = False, sync_data: bool = True):
+        """Open an existing pool (see ``open``/``create``); takes the pool lock."""
+        self.path = os.path.abspath(path)
+        self.readonly = readonly
+        self.sync_data = sync_data  # False only for the test that proves the fsync test fails
+        self._lock_fd = -1
+        self.store: ChunkStore | None = None
+        self.journal = journal_mod.Journal(self.path, readonly=readonly)
+        self._txn: list | None = None
+        self._inflight: list[tuple[set, set]] = []
+        self.open_count: dict[int, int] = {}
+        self._dirty_times: set[int] = set()
+        try:
+            self._lock()
+            self.header = layout.read_header(self.path)
+            self.chunk_size = self.header["chunk_size"]
+            self.page_entries = self.header["page_entries"]
+            self.zero = bytes(self.chunk_size)
+            self._load()
+        except BaseException:
+            self.close(commit=False)
+            raise
+
+    def _lock(self) -> None:
+        lock_path = os.path.join(self.path, layout.LOCK)
+        flags = os.O_RDWR | os.O_CREAT
+        self._lock_fd = os.open(lock_path, flags, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise PoolBusy(f"pool {self.path} is in use (by process {holder or '?'})") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _load(self) -> None:
+        ck_path = os.path.join(self.path, layout.CHECKPOINT)
+        with open(ck_path, "rb") as f:
+            rec = codec.read_single_record(f.read(), ck_path)
+        m = self.meta = Metadata.from_record(rec, ck_path)
+        if (m.chunk_size, m.page_entries) != (self.chunk_size, self.page_entries):
+            raise FormatError(f"{ck_path}: geometry differs from the pool header")
+        gen = rec["gen"]
+        self.replayed = 0
+        for ops in self.journal.open_and_read(gen):
+            for op in ops:
+                m.apply(op)
+            self.replayed += 1
+        self.store = ChunkStore(os.path.join(self.path, layout.DATA), self.chunk_size,
+                                readonly=self.readonly)
+        self._rebuild_free_lists()
+        m.freed_slots.clear()
+        m.freed_pids.clear()
+        m.unstable_slots.clear()
+        m.unstable_pages.clear()
+        if self.readonly:
+            return
+        if self.journal.gen != gen:
+            log.info("journal generation %s is older than checkpoint %s: not replayed",
+                     self.journal.gen, gen)
+            self.journal.replace(gen)
+        elif self.journal.torn_bytes:
+            log.warning("journal: cut a torn tail of %d bytes", self.journal.torn_bytes)
+            self.journal.cut_torn_tail()
+        # VDisks unlinked while open were waiting for their last close: nothing is open now.
+        orphans = [vd for vd in m.vdisks.values() if vd.name is None]
+        for vd in orphans:
+            self._begin()
+            self._op(["vdel", vd.vid])
+            self._end()
+
+    def _rebuild_free_lists(self) -> None:
+        m = self.meta
+        self.next_slot = _used_len(m.slot_ref)
+        self.free_slots = [s for s in range(self.next_slot - 1, 0, -1) if not m.slot_ref[s]]
+        self.next_pid = _used_len(m.page_ref)
+        self.free_pids = [p for p in range(self.next_pid - 1, 0, -1) if not m.page_ref[p]]
+
+    # ------------------------------------------------------------ transactions
+    def _begin(self) -> None:
+        assert self._txn is None, "nested transaction"
+        self._txn = []
+
+    def _op(self, op: list) -> None:
+        self.meta.apply(op)
+        self._txn.append(op)
+
+    def _end(self) -> None:
+        # Journal whatever was applied, even after an error: memory and journal agree.
+        ops, self._txn = self._txn, None
+        if ops:
+            self.journal.add(ops)
+
+    def _alloc_slot(self) -> int:
+        if self.free_slots:
+            return self.free_slots.pop()
+        s = self.next_slot
+        self.next_slot += 1
+        return s
+
+    def _alloc_pid(self) -> int:
+        if self.free_pids:
+            return self.free_pids.pop()
+        p = self.next_pid
+        self.next_pid += 1
+        return p
+
+    def _private_page(self, vd: VDisk, pidx: int) -> int:
+        pid = vd.ptab[pidx]
+        if not pid or self.meta.page_ref[pid] != 1:
+            self._op(["pcow", vd.vid, pidx, self._alloc_pid()])
+            pid = vd.ptab[pidx]
+        return pid
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise VDiskError(errno.EROFS, "pool is open read-only")
+
+    # ------------------------------------------------------------ VDisks
+    def vdisks(self) -> list[VDisk]:
+        return [vd for vd in self.meta.vdisks.values() if vd.name is not None]
+
+    def lookup(self, name: str) -> VDisk | None:
+        return self.meta.by_name(name)
+
+    def get(self, vid: int) -> VDisk | None:
+        return self.meta.vdisks.get(vid)
+
+    def _new_props(self, mode: int, uid: int, gid: int, base: dict | None = None) -> dict:
+        now = time.time_ns()
+        props = {"lba_size": DEFAULT_LBA_SIZE}
+        if base:
+            props.update(base)
+        props.update({"serial": f"{self.header['uuid'][:8]}{secrets.token_hex(4)}"
+                                f"{self.meta.next_vid:06x}".upper(),
+                      "mode": mode & 0o7777, "uid": uid, "gid": gid,
+                      "mtime_ns": now, "ctime_ns": now})
+        return props
+
+    def create(self, name: str, size: int = 0, *, mode: int = 0o600, uid: int = 0,
+               gid: int = 0) -> VDisk:
+        self._check_writable()
+        names.check(name)
+        if name in self.meta.names:
+            raise VDiskError(errno.EEXIST, f"{name} exists")
+        _check_size(size)
+        vid = self.meta.next_vid
+        self._begin()
+        try:
+            self._op(["vnew", vid, name, size, self._new_props(mode, uid, gid)])
+        finally:
+            self._end()
+        return self.meta.vdisks[vid]
+
+    def clone(self, src: VDisk, dst_name: str, *, uid: int | None = None,
+              gid: int | None = None) -> VDisk:
+        """Make ``dst_name`` a copy of ``src`` sharing all its pages (one transaction)."""
+        self._check_writable()
+        names.check(dst_name)
+        if dst_name in self.meta.names:
+            raise VDiskError(errno.EEXIST, f"{dst_name} exists")
+        p = src.props
+        props = self._new_props(p["mode"], p["uid"] if uid is None else uid,
+                                p["gid"] if gid is None else gid,
+                                base={k: v for k, v in p.items() if k == "lba_size"})
+        vid = self.meta.next_vid
+        self._begin()
+        try:
+            self._op(["vnew", vid, dst_name, src.size, props])
+            self._op(["vshare", src.vid, vid, 0, len(src.ptab)])
+        finally:
+            self._end()
+        return self.meta.vdisks[vid]
+
+    def rename(self, vd: VDisk, new: str, *, replace: bool = True,
+               target_in_use: bool = False) -> None:
+        self._check_writable()
+        names.check(new)
+        if vd.name == new:
+            return
+        other = self.meta.by_name(new)
+        if other is not None and not replace:
+            raise VDiskError(errno.EEXIST, f"{new} exists")
+        self._begin()
+        try:
+            if other is not None:
+                self._unlink_op(other, target_in_use)
+            self._op(["vset", vd.vid, "name", new])
+        finally:
+            self._end()
+
+    def _unlink_op(self, vd: VDisk, in_use: bool) -> None:
+        if in_use or self.open_count.get(vd.vid):
+            self._op(["vset", vd.vid, "name", None])   # freed by forget()
+        else:
+            self._op(["vdel", vd.vid])
+
+    def unlink(self, vd: VDisk, *, in_use: bool = False) -> None:
+        """Remove the name. A VDisk still open or ``in_use`` (the kernel still knows the
+        inode) keeps its data until ``forget``; the next mount frees any left over."""
+        self._check_writable()
+        self._begin()
+        try:
+            self._unlink_op(vd, in_use)
+        finally:
+            self._end()
+
+    def forget(self, vd: VDisk) -> None:
+        """Nothing refers to this VDisk any more: free it if it was unlinked."""
+        if vd.name is None and vd.vid in self.meta.vdisks and not self.open_count.get(vd.vid):
+            self._begin()
+            try:
+                self._op(["vdel", vd.vid])
+            finally:
+                self._end()
+
+    def opened(self, vd: VDisk) -> None:
+        self.open_count[vd.vid] = self.open_count.get(vd.vid, 0) + 1
+
+    def released(self, vd: VDisk) -> None:
+        n = self.open_count[vd.vid] - 1
+        if n:
+            self.open_count[vd.vid] = n
+        else:
+            del self.open_count[vd.vid]
+
+    def set_prop(self, vd: VDisk, key: str, value) -> None:
+        self._check_writable()
+        if key == "lba_size":
+            if value not in LBA_SIZES:
+                raise VDiskError(errno.EINVAL, f"lba_size must be one of {LBA_SIZES}")
+            if self.open_count.get(vd.vid):
+                raise VDiskError(errno.EBUSY, f"{vd.name} is in use")
+        self._begin()
+        try:
+            self._op(["vset", vd.vid, key, value])
+        finally:
+            self._end()
+
+    def touch(self, vd: VDisk, **times: int) -> None:
+        """Set mtime_ns/ctime_ns/mode/uid/gid (journaled like any property)."""
+        self._check_writable()
+        self._begin()
+        try:
+            for k, v in times.items():
+                if vd.props.get(k) != v:
+                    self._op(["vset", vd.vid, k, v])
+        finally:
+            self._end()
+
+    # ------------------------------------------------------------ data path
+    def read(self, vd: VDisk, off: int, size: int) -> bytearray:
+        if off >= vd.size or size <= 0:
+            return bytearray()
+        size = min(size, vd.size - off)
+        out = bytearray(size)
+        mv = memoryview(out)
+        cs, pe = self.chunk_size, self.page_entries
+        ptab, pages = vd.ptab, self.meta.pages
+        store = self.store
+        pos = 0
+        run_slot = run_off = run_pos = run_len = 0   # a run of consecutive slots
+        while pos < size:
+            cidx, coff = divmod(off + pos, cs)
+            n = min(cs - coff, size - pos)
+            pid = ptab[cidx // pe]
+            slot = pages[pid][cidx % pe] if pid else 0
+            if run_len and slot and slot * cs + coff == run_slot * cs + run_off + run_len:
+                run_len += n
+            else:
+                if run_len:
+                    store.readinto(run_slot, run_off, mv[run_pos:run_pos + run_len])
+                run_len = n if slot else 0
+                run_slot, run_off, run_pos = slot, coff, pos
+            pos += n
+        if run_len:
+            store.readinto(run_slot, run_off, mv[run_pos:run_pos + run_len])
+        return out
+
+    def write(self, vd: VDisk, off: int, data) -> int:
+        self._check_writable()
+        mv = memoryview(data)
+        end = off + len(mv)
+        if off < 0:
+            raise VDiskError(errno.EINVAL, "negative offset")
+        if end > MAX_VDISK_SIZE:
+            raise VDiskError(errno.EFBIG, "write past the largest VDisk size")
+        self._begin()
+        try:
+            if end > vd.size:
+                self._op(["vsize", vd.vid, end])
+            cs = self.chunk_size
+            pos = 0
+            while pos < len(mv):
+                cidx, coff = divmod(off + pos, cs)
+                n = min(cs - coff, len(mv) - pos)
+                self._write_chunk(vd, cidx, coff, mv[pos:pos + n])
+                pos += n
+        finally:
+            self._end()
+        vd.props["mtime_ns"] = time.time_ns()
+        self._dirty_times.add(vd.vid)
+        return len(mv)
+
+    def _write_chunk(self, vd: VDisk, cidx: int, coff: int, piece: memoryview) -> None:
+        m, cs, store = self.meta, self.chunk_size, self.store
+        pidx, i = divmod(cidx, self.page_entries)
+        pid = vd.ptab[pidx]
+        slot = m.pages[pid][i] if pid else 0
+        n = len(piece)
+        zero = self.zero.startswith(piece)
+        if slot and m.exclusive(pid, slot):
+            if zero and (n == cs or self._zero_after(slot, coff, piece)):
+                self._op(["eset", vd.vid, cidx, 0])   # zero detection frees the chunk
+            else:
+                store.write(slot, coff, piece)          # the fast path: one pwrite
+            return
+        # The chunk is a hole or shared: its new contents go to a fresh slot.
+        if slot and n < cs:
+            chunk = store.read(slot)                    # copy-on-write
+            chunk[coff:coff + n] = piece
+            coff = 0
+            zero = self.zero.startswith(chunk)
+        else:
+            chunk = piece
+        if zero:
+            if slot:
+                self._private_page(vd, pidx)
+                self._op(["eset", vd.vid, cidx, 0])
+            return                                      # zeros into a hole: nothing to do
+        self._private_page(vd, pidx)
+        new = self._alloc_slot()
+        if len(chunk) < cs and not store.fresh(new):
+            buf = bytearray(cs)                         # a reused slot may hold old bytes
+            buf[coff:coff + n] = piece
+            chunk, coff = buf, 0
+        store.write(new, coff, chunk)
+        self._op(["eset", vd.vid, cidx, new])
+
+    def _zero_after(self, slot: int, coff: int, piece: memoryview) -> bool:
+        """After writing zeros ``piece`` at ``coff``, is the whole chunk zero?"""
+        buf = self.store.read(slot)
+        buf[coff:coff + len(piece)] = piece
+        return self.zero.startswith(buf)
+
+    def truncate(self, vd: VDisk, size: int) -> None:
+        self._check_writable()
+        _check_size(size)
+        if size == vd.size:
+            return
+        if size > vd.size:
+            self._begin()
+            try:
+                self._op(["vsize", vd.vid, size])
+            finally:
+                self._end()
+            return
+        cs, pe = self.chunk_size, self.page_entries
+        tail = size % cs
+        if tail:
+            # The rest of the last chunk must read as zeros if the VDisk grows again.
+            self.write(vd, size, memoryview(self.zero)[:cs - tail])
+        self._begin()
+        try:
+            first_gone = self.meta.chunks_for(size)
+            last_page_end = min(len(vd.ptab) * pe, self.meta.pages_for(size) * pe)
+            for cidx in range(first_gone, last_page_end):
+                if self.meta.slot_of(vd, cidx):
+                    self._private_page(vd, cidx // pe)
+                    self._op(["eset", vd.vid, cidx, 0])
+            self._op(["vsize", vd.vid, size])
+        finally:
+            self._end()
+        vd.props["mtime_ns"] = time.time_ns()
+        self._dirty_times.add(vd.vid)
+
+    # ------------------------------------------------------------ figures
+    def usage(self, vd: VDisk) -> dict:
+        allocated, unique = self.meta.usage(vd)
+        return {"allocated": allocated, "unique": unique, "shared": allocated - unique}
+
+    def used_bytes(self) -> int:
+        """Backing space taken by the pool: chunk data plus metadata."""
+        total = self.store.allocated_bytes()
+        for name in (layout.CHECKPOINT, layout.JOURNAL):
+            try:
+                total += os.stat(os.path.join(self.path, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return total
+
+    def is_dirty(self) -> bool:
+        return bool(self.journal.buffer or self.meta.freed_slots)
+
+    # ------------------------------------------------------------ durability
+    def prepare_commit(self) -> Commit:
+        self._flush_times()
+        return Commit(self)
+
+    def prepare_checkpoint(self) -> Checkpoint:
+        self._flush_times()
+        return Checkpoint(self)
+
+    def _flush_times(self) -> None:
+        # mtimes change on every write; journal only the latest value, once per commit.
+        dirty, self._dirty_times = self._dirty_times, set()
+        self._begin()
+        try:
+            for vid in dirty:
+                vd = self.meta.vdisks.get(vid)
+                if vd is not None:
+                    self._op(["vset", vid, "mtime_ns", vd.props["mtime_ns"]])
+        finally:
+            self._end()
+
+    def wants_checkpoint(self) -> bool:
+        return self.journal.size() > CHECKPOINT_JOURNAL_BYTES
+
+    def sync(self) -> None:
+        """Blocking commit (for callers without an event loop)."""
+        self._run(self.prepare_commit())
+
+    def checkpoint(self) -> None:
+        self._run(self.prepare_checkpoint())
+
+    @staticmethod
+    def _run(batch: Commit) -> None:
+        try:
+            batch.run()
+        except BaseException:
+            batch.abort()
+            raise
+        batch.finish()
+
+    def close(self, *, commit: bool = True) -> None:
+        """Checkpoint (if asked and writable), then release files and the lock."""
+        try:
+            if commit and not self.readonly and self.store is not None:
+                self.checkpoint()
+        finally:
+            if self.store is not None:
+                self.store.close()
+            self.journal.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+
+def create_pool(path: str, chunk_size: int = layout.DEFAULT_CHUNK_SIZE,
+                page_entries: int = layout.DEFAULT_PAGE_ENTRIES) -> None:
+    """Make a new pool in ``path`` (missing or empty directory)."""
+    layout.check_chunk_size(chunk_size)
+    os.makedirs(path, exist_ok=True)
+    if os.listdir(path):
+        raise FileExistsError(f"{path} is not empty and holds no vdiskfs pool")
+    hdr = layout.header_record(chunk_size, page_entries)
+    m = Metadata(chunk_size, page_entries)
+    layout.write_file_atomic(path, layout.CHECKPOINT, codec.frame_record(m.to_record(0)))
+    journal_mod.create(path, 0)
+    os.close(os.open(os.path.join(path, layout.DATA), os.O_CREAT | os.O_WRONLY, 0o600))
+    # The header comes last: its presence is what makes the directory a pool.
+    layout.write_file_atomic(path, layout.HEADER, codec.frame_record(hdr))
+
+
+def open_pool(path: str, *, create: bool = False, chunk_size: int | None = None,
+              **kw) -> Pool:
+    """Open the pool in ``path``; with ``create``, make it first if the directory is empty."""
+    if not os.path.exists(os.path.join(path, layout.HEADER)):
+        if not create:
+            raise FileNotFoundError(f"{path} is not a vdiskfs pool (no {layout.HEADER})")
+        create_pool(path, chunk_size or layout.DEFAULT_CHUNK_SIZE)
+    elif chunk_size is not None:
+        have = layout.read_header(path)["chunk_size"]
+        if have != chunk_size:
+            raise ValueError(f"pool {path} has chunk size {have}; it cannot be changed")
+    return Pool(path, **kw)
+
+
+def _used_len(a) -> int:
+    """1 + the highest index with a nonzero value (at least 1: index 0 is never used)."""
+    n = len(a)
+    while n > 1 and not a[n - 1]:
+        n -= 1
+    return max(n, 1)
+
+
+def _check_size(size: int) -> None:
+    if size < 0:
+        raise VDiskError(errno.EINVAL, "negative size")
+    if size > MAX_VDISK_SIZE:
+        raise VDiskError(errno.EFBIG, f"size larger than {MAX_VDISK_SIZE} bytes")

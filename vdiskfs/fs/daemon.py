@@ -1,0 +1,107 @@
+"""The mount daemon: open the pool, mount, serve on one trio loop, checkpoint on exit."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pyfuse3
+import trio
+
+from ..cow import layout
+from ..cow.pool import Pool
+from .operations import Operations
+
+log = logging.getLogger(__name__)
+
+FSTYPE = "vdiskfs"          # /proc/mounts shows "POOL MNT fuse.vdiskfs ..."
+READ_AHEAD_KB = 1024        # the kernel's default 128 KiB halves sequential reads
+
+
+def mount_options(pool: Pool) -> set[str]:
+    opts = set(pyfuse3.default_options)
+    opts -= {"default_permissions"}
+    opts |= {f"fsname={pool.path}", f"subtype={FSTYPE}", "default_permissions"}
+    return opts
+
+
+def _set_read_ahead(mountpoint: str) -> None:
+    """Raise the mount's read-ahead via its bdi; found in mountinfo (a stat() of the mount
+    would be a FUSE request to ourselves)."""
+    target = mountpoint   # already resolved: realpath() now would stat our own root
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+        for line in reversed(lines):
+            fields = line.split()
+            if fields[4] == target and " - fuse." in line:
+                path = f"/sys/class/bdi/{fields[2]}/read_ahead_kb"
+                with open(path, "w") as f:
+                    f.write(str(READ_AHEAD_KB))
+                return
+    except OSError as e:
+        log.info("could not raise read-ahead: %s", e)
+
+
+class Daemon:
+    def __init__(self, pool: Pool, mountpoint: str):
+        self.pool = pool
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.ops = Operations(pool)
+        self.signalled = False
+
+    def mount(self) -> None:
+        pyfuse3.init(self.ops, self.mountpoint, mount_options(self.pool))
+        _set_read_ahead(self.mountpoint)
+
+    async def _main(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals)
+            nursery.start_soon(self.ops.syncer.run_periodic)
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                log.info("signal %s: unmounting", signal.Signals(sig).name)
+                await self._unmount_while_serving()
+                return
+
+    async def _unmount_while_serving(self) -> None:
+        # A plain unmount makes the kernel write back its dirty pages (the writeback cache)
+        # through this still-running loop, then end the session: nothing is dropped.
+        proc = await trio.run_process(["fusermount3", "-u", self.mountpoint], check=False,
+                                      capture_stderr=True)
+        if proc.returncode == 0:
+            return
+        log.warning("unmount failed (%s); flushing and detaching instead",
+                    proc.stderr.decode(errors="replace").strip())
+        await trio.to_thread.run_sync(pyfuse3.syncfs, self.mountpoint)
+        self.signalled = True
+        pyfuse3.terminate()
+
+    def serve(self) -> None:
+        """Serve until unmounted (umount/fusermount3 -u) or signalled; then clean up."""
+        try:
+            trio.run(self._main)
+        finally:
+            # After a signal we unmount ourselves; after umount the kernel already has.
+            pyfuse3.close(unmount=self.signalled)
+            self.pool.close()
+            log.info("pool %s closed cleanly", self.pool.path)
+
+
+def setup_logging(pool_path: str | None, debug: bool = False) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    handler: logging.Handler
+    if pool_path:
+        handler = logging.FileHandler(os.path.join(pool_path, layout.LOG))
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

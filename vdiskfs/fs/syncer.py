@@ -1,0 +1,56 @@
+"""Group commit on the trio loop: fsyncs share journal flushes; periodic commits and
+checkpoints bound what a crash can lose and how long replay takes."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..cow.pool import Pool
+
+log = logging.getLogger(__name__)
+
+COMMIT_INTERVAL = 5.0   # seconds between background commits of a dirty pool
+
+
+class Syncer:
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self._lock = trio.Lock()
+        self._started = 0   # commits begun
+        self._done = 0      # commits finished successfully (by number of the last one)
+
+    async def sync(self) -> None:
+        """Return once everything done before the call is durable (invariant 4)."""
+        need = self._started + 1   # a commit that starts after this call
+        async with self._lock:
+            if self._done >= need:
+                return   # somebody else's commit began after we were called: it covers us
+            await self._commit(checkpoint=self.pool.wants_checkpoint())
+
+    async def checkpoint(self) -> None:
+        async with self._lock:
+            await self._commit(checkpoint=True)
+
+    async def _commit(self, *, checkpoint: bool) -> None:
+        self._started += 1
+        n = self._started
+        pool = self.pool
+        batch = pool.prepare_checkpoint() if checkpoint else pool.prepare_commit()
+        try:
+            await trio.to_thread.run_sync(batch.run)
+        except BaseException:
+            batch.abort()
+            raise
+        batch.finish()
+        self._done = n
+
+    async def run_periodic(self) -> None:
+        while True:
+            await trio.sleep(COMMIT_INTERVAL)
+            if self.pool.is_dirty():
+                try:
+                    await self.sync()
+                except OSError as e:
+                    log.error("background commit failed (will retry): %s", e)
