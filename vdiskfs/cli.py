@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import logging
 import os
 import re
 import subprocess
@@ -88,7 +89,11 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
         report(f"cannot mount {mnt}: {e}")
         raise UserError(f"cannot mount {mnt}: {e}") from None
     report("ready")
-    daemon.serve()
+    try:
+        daemon.serve()
+    except BaseException:
+        logging.getLogger("vdiskfs").exception("daemon failed")
+        raise
     return 0
 
 

@@ -41,7 +41,7 @@ CHECKPOINT = "checkpoint"
 JOURNAL = "journal"
 LOG = "daemon.log"
 
-DEFAULT_CHUNK_SIZE = 64 * 1024
+DEFAULT_CHUNK_SIZE = 256 * 1024   # chosen by bench/chunksize.py: see docs/ARCHITECTURE.md
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 DEFAULT_PAGE_ENTRIES = 1024

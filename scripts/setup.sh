@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One-step setup for a fresh Debian machine (run as root), then the main job or the tests.
+#   bash scripts/setup.sh mount   install what is missing, mount ./pool at ./mnt
+#   bash scripts/setup.sh test    install what is missing, run the whole test suite
+#   bash scripts/setup.sh deps    only install
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${VDISKFS_VENV:-$ROOT/.venv}
+
+need_apt=()
+command -v fusermount3 >/dev/null || need_apt+=(fuse3)
+[ -e /usr/include/fuse3/fuse.h ] || need_apt+=(libfuse3-dev)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+command -v getfattr >/dev/null || need_apt+=(attr)
+command -v losetup >/dev/null || need_apt+=(mount)
+command -v gcc >/dev/null || need_apt+=(gcc)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+  2>/dev/null || need_apt+=(python3-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+
+stamp=$VENV/.vdiskfs-installed
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing vdiskfs into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+  touch "$stamp"
+fi
+
+case "${1:-mount}" in
+  deps) ;;
+  mount)
+    mkdir -p "$ROOT/pool" "$ROOT/mnt"
+    "$VENV/bin/vdiskfs" mount "$ROOT/pool" "$ROOT/mnt"
+    cat <<MSG
+
+Try it:
+  truncate -s 10G $ROOT/mnt/FOO                 # a thin 10 GiB VDisk
+  mkfs.ext4 -q $ROOT/mnt/FOO && mkdir -p /mnt/foo && mount -o loop $ROOT/mnt/FOO /mnt/foo
+  getfattr -d -m - $ROOT/mnt/FOO                # properties and space figures
+  df -h $ROOT/mnt                               # pool usage
+Stop it:
+  umount /mnt/foo; $VENV/bin/vdiskfs umount $ROOT/mnt
+MSG
+    ;;
+  test)
+    shift || true
+    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+    ;;
+  *) echo "usage: $0 [mount|test|deps]" >&2; exit 2 ;;
+esac
