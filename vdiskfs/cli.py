@@ -1,4 +1,4 @@
-"""Command line: ``vdiskfs mount|umount|create|fsck``.
+"""Command line: ``vdiskfs mount|umount|create|clone|fsck``; ``qclone`` is ``vdiskfs clone``.
 
 Every command exits 0 on success and otherwise prints one line to stderr and exits non-zero;
 user errors never show a traceback.
@@ -18,12 +18,10 @@ import time
 from . import __version__
 from .cow import layout
 from .cow.errors import FormatError, PoolBusy
+from .ctl import client
+from .ctl.client import UserError, find_mount, vdiskfs_mounts
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-
-
-class UserError(Exception):
-    """A failure the user can act on: printed as one line, exit status 1."""
 
 
 def parse_size(text: str) -> int:
@@ -40,13 +38,16 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not os.path.isdir(mnt):
         raise UserError(f"mount point {mnt} is not a directory")
     if args.foreground:
-        return _serve(pool_dir, mnt, args.chunk_size, args.debug, args.ready_fd)
+        return _serve(pool_dir, mnt, args.chunk_size, args.debug, args.ready_fd,
+                      args.clone_speed)
     # Background: a detached child serves; we return once it reports the mount ready.
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "vdiskfs", "mount", "--foreground", "--ready-fd", str(w),
            pool_dir, mnt]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
+    if args.clone_speed:
+        cmd += ["--clone-speed", str(args.clone_speed)]
     if args.debug:
         cmd.append("--debug")
     child = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
@@ -64,7 +65,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
-           ready_fd: int | None) -> int:
+           ready_fd: int | None, clone_speed: int) -> int:
     # Imported here: pyfuse3 and trio are needed by the daemon only.
     from .cow.pool import open_pool
     from .fs.daemon import Daemon, setup_logging
@@ -81,7 +82,7 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
         report(str(e))
         raise UserError(str(e)) from None
     setup_logging(pool_dir if ready_fd is not None else None, debug)
-    daemon = Daemon(pool, mnt)
+    daemon = Daemon(pool, mnt, clone_speed)
     try:
         daemon.mount()
     except Exception as e:
@@ -95,20 +96,6 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
         logging.getLogger("vdiskfs").exception("daemon failed")
         raise
     return 0
-
-
-def vdiskfs_mounts() -> list[tuple[str, str]]:
-    """(pool, mountpoint) of every vdiskfs mount, from /proc/mounts."""
-    def unescape(field: str) -> str:   # /proc/mounts writes spaces etc. as \040
-        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-    out = []
-    with open("/proc/mounts") as f:
-        for line in f:
-            src, mnt, fstype = line.split()[:3]
-            if fstype == "fuse.vdiskfs":
-                out.append((unescape(src), unescape(mnt)))
-    return out
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -143,23 +130,6 @@ def wait_pool_released(pool_dir: str, timeout: float) -> None:
 
 
 # ---------------------------------------------------------------- create / fsck
-def find_mount(explicit: str | None) -> str:
-    """--mount, else $VDISKFS_MOUNT, else the only vdiskfs mount."""
-    mnt = explicit or os.environ.get("VDISKFS_MOUNT")
-    if mnt:
-        mnt = os.path.abspath(mnt)
-        if mnt not in [m for _, m in vdiskfs_mounts()]:
-            raise UserError(f"{mnt} is not a vdiskfs mount")
-        return mnt
-    mounts = [m for _, m in vdiskfs_mounts()]
-    if not mounts:
-        raise UserError("no vdiskfs mount found (use --mount MNT or set VDISKFS_MOUNT)")
-    if len(mounts) > 1:
-        raise UserError(f"several vdiskfs mounts ({', '.join(mounts)}): choose one with "
-                        "--mount MNT or VDISKFS_MOUNT")
-    return mounts[0]
-
-
 def cmd_create(args: argparse.Namespace) -> int:
     from .cow import names
     if not names.valid(args.name):
@@ -175,6 +145,37 @@ def cmd_create(args: argparse.Namespace) -> int:
     finally:
         os.close(fd)
     print(f"created VDisk {args.name} of {args.size} bytes")
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace) -> int:
+    mnt = find_mount(args.mount)
+    if args.list:
+        if args.src or args.dst or args.cancel or args.wait:
+            raise UserError("-l takes only -p and -e")
+        sys.stdout.write(client.read_status(mnt, extended=args.extended))
+        if args.purge:
+            client.purge(mnt)
+        return 0
+    if args.purge:
+        if args.src or args.dst or args.cancel:
+            raise UserError("-p takes no -s, -d or -c")
+        client.purge(mnt)
+        return 0
+    if args.cancel:
+        if not args.src or args.dst:
+            raise UserError("cancel with -s SRC -c")
+        client.cancel(mnt, args.src)
+        print(f"Clone operations from {args.src} cancelled")
+        return 0
+    if not (args.src and args.dst):
+        raise UserError("start a clone with -s SRC -d DST (see --help)")
+    client.start(mnt, args.src, args.dst)
+    print(f"Clone of {args.src} to {args.dst} successfully started")
+    if args.wait:
+        state = client.wait(mnt, args.src, args.dst)
+        if state != "Completed":
+            raise UserError(f"clone of {args.src} to {args.dst}: {state}")
     return 0
 
 
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--chunk-size", type=parse_size, default=None,
                    help=f"chunk size of a new pool, a power of two "
                         f"(default {layout.DEFAULT_CHUNK_SIZE // 1024}K); fixed at creation")
+    m.add_argument("--clone-speed", type=parse_size, default=0, metavar="BYTES",
+                   help="limit each clone job to this much source data per second, "
+                        "e.g. 64M (default: unlimited)")
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
@@ -229,14 +233,47 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mount", help="the vdiskfs mount (default: $VDISKFS_MOUNT or the only one)")
     c.set_defaults(func=cmd_create)
 
+    cl = sub.add_parser("clone", help="clone VDisks, list and cancel clone jobs (= qclone)",
+                        description="Clone VDisks (QUADStor qclone flags). Examples: "
+                        "-s FOO -d BAR [-w] | -l [-e] [-p] | -s FOO -c | -p")
+    add_clone_args(cl)
+    cl.set_defaults(func=cmd_clone)
+
     f = sub.add_parser("fsck", help="check an unmounted pool")
     f.add_argument("pool")
     f.set_defaults(func=cmd_fsck)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def add_clone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-s", dest="src", metavar="SRC", help="source VDisk")
+    p.add_argument("-d", dest="dst", metavar="DST", help="destination VDisk (new)")
+    p.add_argument("-c", dest="cancel", action="store_true",
+                   help="cancel the clones in progress from SRC")
+    p.add_argument("-l", dest="list", action="store_true", help="list clone operations")
+    p.add_argument("-p", dest="purge", action="store_true",
+                   help="purge finished operations (after listing, with -l)")
+    p.add_argument("-e", dest="extended", action="store_true",
+                   help="with -l: add elapsed time and bytes shared")
+    p.add_argument("-w", "--wait", action="store_true",
+                   help="show progress and return when the clone ends")
+    p.add_argument("--mount", help="the vdiskfs mount (default: $VDISKFS_MOUNT or the only one)")
+
+
+def qclone_main(argv: list[str] | None = None) -> int:
+    """``qclone``: the clone command under QUADStor's name, with the same flags."""
+    return main(["clone"] + (sys.argv[1:] if argv is None else argv), prog="qclone")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser()
+    if prog == "qclone":
+        parser = argparse.ArgumentParser(prog="qclone", description="Clone VDisks "
+                                         "(vdiskfs clone, with QUADStor qclone flags).")
+        add_clone_args(parser)
+        parser.set_defaults(func=cmd_clone)
+        argv = argv[1:]
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:

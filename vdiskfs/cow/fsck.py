@@ -77,7 +77,7 @@ def check_slot_refs(m: Metadata, data_size: int, r: Report) -> None:
     """Invariant 3 for slots; a slot past the data file's end would have lost its data."""
     count = array("I", bytes(4 * max(len(m.slot_ref), 1)))
     beyond = []
-    for pid, page in m.pages.items():
+    for page in m.pages.values():
         for s in page:
             if not s:
                 continue
@@ -105,6 +105,28 @@ def check_slot_refs(m: Metadata, data_size: int, r: Report) -> None:
     r.stats["slots_in_use"] = sum(1 for c in count if c)
 
 
+def check_jobs(m: Metadata, r: Report) -> None:
+    """Invariant 5: a running clone job names a live source and its unfinished destination;
+    no VDisk is marked unfinished without such a job."""
+    for job in m.jobs.values():
+        if job.get("state") != "running":
+            continue
+        src, dst = m.vdisks.get(job["src"]), m.vdisks.get(job["dst"])
+        if src is None or dst is None:
+            r.errors.append(f"clone job {job['id']} names a missing VDisk")
+        elif dst.props.get("clone_job") != job["id"]:
+            r.errors.append(f"clone job {job['id']}: destination {dst.name} is not marked "
+                            "unfinished (it could be opened half-made)")
+        else:
+            r.notes.append(f"clone {job['src_name']} -> {job['dst_name']} is in progress "
+                           f"(page {job['cursor']}): the next mount resumes it")
+    for vd in m.vdisks.values():
+        jid = vd.props.get("clone_job")
+        if jid is not None and m.jobs.get(jid, {}).get("state") != "running":
+            r.errors.append(f"VDisk {vd.name} is marked as an unfinished clone of job {jid}, "
+                            "which is not running")
+
+
 def fsck(path: str) -> Report:
     r = Report()
     try:
@@ -121,6 +143,7 @@ def fsck(path: str) -> Report:
         check_vdisks(m, r)
         check_page_refs(m, r)
         check_slot_refs(m, data_size, r)
+        check_jobs(m, r)
         r.stats.update(vdisks=len(m.vdisks), replayed=pool.replayed,
                        chunk_size=pool.chunk_size, journal=pool.journal.gen,
                        data_bytes=pool.store.allocated_bytes())

@@ -25,6 +25,10 @@ so they are deterministic. The ops:
     ["vshare", src, dst, p0, p1]        dst.ptab[p0:p1] = src.ptab[p0:p1], pages gain a
                                         reference (the clone primitive)
     ["vdel",  vid]                      delete a VDisk, releasing its pages
+    ["jnew",  job]                      add a clone job record (a map with an "id")
+    ["jset",  id, key, value]           update a field of a clone job
+    ["jdone", id, pidx]                 a clone job handled source page pidx early
+    ["jdel",  id]                       forget a finished clone job (purge)
 
 Preconditions are checked even during replay: a journal that does not fit the checkpoint
 is reported as corrupt instead of being applied to the wrong state.
@@ -61,7 +65,8 @@ class Metadata:
         self.page_ref = array("I", [0])   # pid 0 is never a page
         self.slot_ref = array("I", [0])   # slot 0 is never a slot
         self.next_vid = 1
-        self.jobs: dict[int, dict] = {}   # clone jobs (control plane), kept as data
+        self.jobs: dict[int, dict] = {}   # clone jobs, oldest first (see cow/clones.py)
+        self.next_job = 1
         # Filled by apply() as references drop; the live engine drains them at commit.
         self.freed_slots: list[int] = []
         self.freed_pids: list[int] = []
@@ -72,7 +77,8 @@ class Metadata:
         self._ops: dict[str, Callable[..., None]] = {
             "vnew": self._vnew, "vset": self._vset, "vsize": self._vsize,
             "pcow": self._pcow, "eset": self._eset, "vshare": self._vshare,
-            "vdel": self._vdel,
+            "vdel": self._vdel, "jnew": self._jnew, "jset": self._jset,
+            "jdone": self._jdone, "jdel": self._jdel,
         }
 
     # ----------------------------------------------------------------- geometry
@@ -214,6 +220,21 @@ class Metadata:
             del self.names[vd.name]
         del self.vdisks[vid]
 
+    def _jnew(self, job: dict) -> None:
+        if job["id"] in self.jobs:
+            raise FormatError(f"clone job {job['id']} exists already")
+        self.jobs[job["id"]] = dict(job)
+        self.next_job = max(self.next_job, job["id"] + 1)
+
+    def _jset(self, jid: int, key: str, value: Any) -> None:
+        self.jobs[jid][key] = value
+
+    def _jdone(self, jid: int, pidx: int) -> None:
+        self.jobs[jid]["done"].append(pidx)
+
+    def _jdel(self, jid: int) -> None:
+        del self.jobs[jid]
+
     # ----------------------------------------------------------------- refcounts
     @staticmethod
     def _grow(a: array, idx: int) -> None:
@@ -265,7 +286,7 @@ class Metadata:
         return {
             "kind": "checkpoint", "v": codec.FORMAT_VERSION, "gen": gen,
             "chunk_size": self.chunk_size, "page_entries": self.page_entries,
-            "next_vid": self.next_vid,
+            "next_vid": self.next_vid, "next_job": self.next_job,
             "vdisks": [{"vid": vd.vid, "name": vd.name, "size": vd.size, "props": vd.props,
                         "ptab": codec.array_to_bin(vd.ptab)} for vd in self.vdisks.values()],
             "page_ids": codec.array_to_bin(pids), "pages": bytes(blob),
@@ -280,6 +301,7 @@ class Metadata:
         try:
             m = cls(rec["chunk_size"], rec["page_entries"])
             m.next_vid = rec["next_vid"]
+            m.next_job = rec["next_job"]
             pe = m.page_entries
             pids = codec.array_from_bin("Q", rec["page_ids"], what)
             blob = codec.array_from_bin("Q", rec["pages"], what)

@@ -22,6 +22,7 @@ import time
 
 from . import codec, journal as journal_mod, layout, names
 from .chunkstore import ChunkStore
+from .clones import Clones
 from .errors import FormatError, PoolBusy, VDiskError
 from .meta import Metadata, VDisk
 
@@ -149,6 +150,7 @@ class Pool:
         self.store = ChunkStore(os.path.join(self.path, layout.DATA), self.chunk_size,
                                 readonly=self.readonly)
         self._rebuild_free_lists()
+        self.clones = Clones(self)
         m.freed_slots.clear()
         m.freed_pids.clear()
         m.unstable_slots.clear()
@@ -272,6 +274,13 @@ class Pool:
             self._end()
         return self.meta.vdisks[vid]
 
+    def _check_not_cloning(self, vd: VDisk) -> None:
+        """A clone source or an unfinished destination cannot go away or change shape."""
+        if self.clones.busy_source(vd):
+            raise VDiskError(errno.EBUSY, f"{vd.name} has a clone in progress")
+        if self.clones.unfinished(vd):
+            raise VDiskError(errno.EBUSY, f"{vd.name} is an unfinished clone")
+
     def rename(self, vd: VDisk, new: str, *, replace: bool = True,
                target_in_use: bool = False) -> None:
         self._check_writable()
@@ -281,6 +290,9 @@ class Pool:
         other = self.meta.by_name(new)
         if other is not None and not replace:
             raise VDiskError(errno.EEXIST, f"{new} exists")
+        self._check_not_cloning(vd)
+        if other is not None:
+            self._check_not_cloning(other)
         self._begin()
         try:
             if other is not None:
@@ -299,6 +311,7 @@ class Pool:
         """Remove the name. A VDisk still open or ``in_use`` (the kernel still knows the
         inode) keeps its data until ``forget``; the next mount frees any left over."""
         self._check_writable()
+        self._check_not_cloning(vd)
         self._begin()
         try:
             self._unlink_op(vd, in_use)
@@ -329,7 +342,7 @@ class Pool:
         if key == "lba_size":
             if value not in LBA_SIZES:
                 raise VDiskError(errno.EINVAL, f"lba_size must be one of {LBA_SIZES}")
-            if self.open_count.get(vd.vid):
+            if self.open_count.get(vd.vid) or self.clones.unfinished(vd):
                 raise VDiskError(errno.EBUSY, f"{vd.name} is in use")
         self._begin()
         try:
@@ -387,6 +400,9 @@ class Pool:
             raise VDiskError(errno.EFBIG, "write past the largest VDisk size")
         self._begin()
         try:
+            if vd.vid in self.clones.sources:
+                span = self.chunk_size * self.page_entries
+                self.clones.guard(vd, off // span, (end - 1) // span + 1)
             if end > vd.size:
                 self._op(["vsize", vd.vid, end])
             cs = self.chunk_size
@@ -448,6 +464,8 @@ class Pool:
         _check_size(size)
         if size == vd.size:
             return
+        if self.clones.unfinished(vd):
+            raise VDiskError(errno.EBUSY, f"{vd.name} is an unfinished clone")
         if size > vd.size:
             self._begin()
             try:
@@ -463,6 +481,8 @@ class Pool:
         self._begin()
         try:
             first_gone = self.meta.chunks_for(size)
+            if vd.vid in self.clones.sources:
+                self.clones.guard(vd, first_gone // pe, len(vd.ptab))
             last_page_end = min(len(vd.ptab) * pe, self.meta.pages_for(size) * pe)
             for cidx in range(first_gone, last_page_end):
                 if self.meta.slot_of(vd, cidx):

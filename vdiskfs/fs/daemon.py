@@ -45,10 +45,10 @@ def _set_read_ahead(mountpoint: str) -> None:
 
 
 class Daemon:
-    def __init__(self, pool: Pool, mountpoint: str):
+    def __init__(self, pool: Pool, mountpoint: str, clone_speed: int = 0):
         self.pool = pool
         self.mountpoint = os.path.realpath(mountpoint)
-        self.ops = Operations(pool)
+        self.ops = Operations(pool, clone_speed)
         self.signalled = False
 
     def mount(self) -> None:
@@ -59,6 +59,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._signals)
             nursery.start_soon(self.ops.syncer.run_periodic)
+            self.ops.jobs.attach(nursery)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
 

@@ -1,8 +1,9 @@
 """pyfuse3 Operations: the mount's request handlers, thin by design.
 
 Each handler maps inodes and names to VDisks and calls the engine (vdiskfs.cow.pool) for
-the work. Inodes: 1 is the root, 2 the ``.ctl`` directory, VDisk ``vid`` is ``vid + 16``
-(vids are never reused, so neither are inodes).
+the work, or the control plane (vdiskfs.ctl) for the files in ``.ctl/``. Inodes: 1 is the
+root, 2 the ``.ctl`` directory, 3-5 its files, VDisk ``vid`` is ``vid + 16`` (vids are
+never reused, so neither are inodes).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import stat
 from typing import Any, Callable
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from ..cow import names
 from ..cow.errors import VDiskError
 from ..cow.meta import VDisk
 from ..cow.pool import Pool
+from ..ctl import commands
+from ..ctl.jobs import JobRunner
 from . import xattrs
 from .syncer import Syncer
 
@@ -30,6 +34,9 @@ ROOT = pyfuse3.ROOT_INODE
 CTL = 2
 VDISK_BASE = 16
 CTL_NAME = ".ctl"
+# The control files: name -> (inode, mode). Virtual: made when read, one command per write.
+CTL_FILES = {b"clone": (3, 0o200), b"status": (4, 0o444), b"jobs": (5, 0o444)}
+CTL_INODES = {ino: (name, mode) for name, (ino, mode) in CTL_FILES.items()}
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 
@@ -57,19 +64,23 @@ def handler(fn: Callable) -> Callable:
 
 
 class Handle:
-    __slots__ = ("vd",)
+    __slots__ = ("vd", "ctl", "data")
 
-    def __init__(self, vd: VDisk):
-        self.vd = vd
+    def __init__(self, vd: VDisk | None, ctl: int = 0, data: bytes = b""):
+        self.vd = vd          # None for a control file
+        self.ctl = ctl        # control file inode
+        self.data = data      # a status snapshot taken at open
 
 
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, pool: Pool):
+    def __init__(self, pool: Pool, clone_speed: int = 0):
         super().__init__()
         self.pool = pool
         self.syncer = Syncer(pool)
+        self.jobs = JobRunner(pool, self.syncer.sync, clone_speed)
+        self.jobs.on_removed = self._name_removed
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.lookups: dict[int, int] = {}   # vid -> kernel lookup count
@@ -118,10 +129,38 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout, a.attr_timeout = ENTRY_TIMEOUT, ATTR_TIMEOUT
         return a
 
+    def _ctl_attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = self._dir_attr(inode)
+        a.st_mode = stat.S_IFREG | CTL_INODES[inode][1]
+        a.st_nlink = 1
+        a.entry_timeout = a.attr_timeout = 0
+        return a
+
     def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
         if inode in (ROOT, CTL):
             return self._dir_attr(inode)
+        if inode in CTL_INODES:
+            return self._ctl_attr(inode)
         return self.vdisk_attr(self.vdisk(inode))
+
+    def _name_removed(self, name: str, vid: int) -> None:
+        """A VDisk vanished behind the kernel's back (clone cancelled): drop its dentry."""
+        try:
+            pyfuse3.invalidate_entry_async(ROOT, name.encode(), deleted=vid + VDISK_BASE,
+                                           ignore_enoent=True)
+        except Exception as e:   # not mounted (in-process tests) or an old kernel
+            log.debug("invalidate_entry_async(%s): %s", name, e)
+
+    async def _flush_vdisk(self, name: str) -> None:
+        """Write the kernel's dirty pages of a VDisk back (writeback cache) before a clone
+        point. Blocks on writes this loop must serve, hence the worker thread."""
+        vd = self.pool.lookup(name)
+        if vd is None:
+            return
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, vd.vid + VDISK_BASE, False)
+        except OSError as e:   # ENOENT: the kernel has no cache of it
+            log.debug("invalidate_inode(%s): %s", name, e)
 
     def _looked_up(self, vd: VDisk) -> pyfuse3.EntryAttributes:
         self.lookups[vd.vid] = self.lookups.get(vd.vid, 0) + 1
@@ -139,6 +178,8 @@ class Operations(pyfuse3.Operations):
             return self._attr(parent)
         if parent == CTL and name == b"..":
             return self._dir_attr(ROOT)
+        if parent == CTL and name in CTL_FILES:
+            return self._ctl_attr(CTL_FILES[name][0])
         if parent == ROOT and name == CTL_NAME.encode():
             return self._dir_attr(CTL)
         vd = self.pool.lookup(self._name(parent, name))
@@ -167,6 +208,11 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if inode in CTL_INODES:
+            # `echo CMD > .ctl/clone` opens with O_TRUNC: accept the truncate as a no-op.
+            if fields.update_size and attr.st_size == 0 and CTL_INODES[inode][0] == b"clone":
+                return self._ctl_attr(inode)
+            raise FUSEError(errno.EPERM)
         if inode in (ROOT, CTL):
             raise FUSEError(errno.EPERM)
         vd = self.vdisk(inode)
@@ -194,6 +240,12 @@ class Operations(pyfuse3.Operations):
     @handler
     async def readdir(self, fh, start_id, token):
         # Entry ids: .ctl is 1, a VDisk is vid + 1; stable while VDisks come and go.
+        if fh == CTL:
+            for n, (name, (ino, _)) in enumerate(CTL_FILES.items(), 1):
+                if n > start_id and not pyfuse3.readdir_reply(token, name,
+                                                               self._ctl_attr(ino), n):
+                    return
+            return
         if fh != ROOT:
             return
         if start_id < 1:
@@ -238,6 +290,8 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent, name, ctx):
         if parent == ROOT and name == CTL_NAME.encode():
             raise FUSEError(errno.EISDIR)
+        if parent == CTL:
+            raise FUSEError(errno.EPERM if name in CTL_FILES else errno.ENOENT)
         vd = self.pool.lookup(self._name(parent, name))
         if vd is None:
             raise FUSEError(errno.ENOENT)
@@ -266,6 +320,8 @@ class Operations(pyfuse3.Operations):
         return self._looked_up(self._create(parent, name, mode, ctx))
 
     def _create(self, parent, name, mode, ctx) -> VDisk:
+        if parent == CTL:
+            raise FUSEError(errno.EACCES)
         vname = self._name(parent, name)
         if name == CTL_NAME.encode():
             raise FUSEError(errno.EEXIST)
@@ -289,15 +345,39 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if inode in (ROOT, CTL):
             raise FUSEError(errno.EISDIR)
-        return self._open_handle(self.vdisk(inode))
+        if inode in CTL_INODES:
+            return self._open_ctl(inode, flags)
+        vd = self.vdisk(inode)
+        if self.pool.clones.unfinished(vd):
+            raise FUSEError(errno.EBUSY)   # no client may attach a half-made clone
+        return self._open_handle(vd)
+
+    def _open_ctl(self, inode: int, flags: int) -> pyfuse3.FileInfo:
+        name = CTL_INODES[inode][0]
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if writing != (name == b"clone") or flags & os.O_ACCMODE == os.O_RDWR:
+            raise FUSEError(errno.EACCES)
+        data = b"" if writing else self.jobs.render(extended=name == b"jobs")
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = Handle(None, inode, data)
+        # direct_io: no page cache, no trust in st_size; each read sees this snapshot.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, nonseekable=False)
 
     @handler
     async def read(self, fh, off, size):
-        return self.pool.read(self.handles[fh].vd, off, size)
+        h = self.handles[fh]
+        if h.vd is None:
+            return h.data[off:off + size]
+        return self.pool.read(h.vd, off, size)
 
     @handler
     async def write(self, fh, off, buf):
-        return self.pool.write(self.handles[fh].vd, off, buf)
+        h = self.handles[fh]
+        if h.vd is None:
+            await self.jobs.execute(commands.parse(bytes(buf)), self._flush_vdisk)
+            return len(buf)
+        return self.pool.write(h.vd, off, buf)
 
     @handler
     async def flush(self, fh):
@@ -305,11 +385,14 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def fsync(self, fh, datasync):
-        await self.syncer.sync()
+        if self.handles[fh].vd is not None:
+            await self.syncer.sync()
 
     @handler
     async def release(self, fh):
         h = self.handles.pop(fh)
+        if h.vd is None:
+            return
         self.pool.released(h.vd)
         if h.vd.vid not in self.lookups:
             self.pool.forget(h.vd)
@@ -332,24 +415,24 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------ properties
     @handler
     async def getxattr(self, inode, name, ctx):
-        if inode in (ROOT, CTL):
+        if inode < VDISK_BASE:
             raise FUSEError(pyfuse3.ENOATTR)
         return xattrs.get(self.pool, self.vdisk(inode), name)
 
     @handler
     async def listxattr(self, inode, ctx):
-        if inode in (ROOT, CTL):
+        if inode < VDISK_BASE:
             return []
         return xattrs.names()
 
     @handler
     async def setxattr(self, inode, name, value, ctx):
-        if inode in (ROOT, CTL):
+        if inode < VDISK_BASE:
             raise FUSEError(errno.ENOTSUP)
         xattrs.set(self.pool, self.vdisk(inode), name, value)
 
     @handler
     async def removexattr(self, inode, name, ctx):
-        if inode in (ROOT, CTL):
+        if inode < VDISK_BASE:
             raise FUSEError(pyfuse3.ENOATTR)
         xattrs.remove(self.vdisk(inode), name)

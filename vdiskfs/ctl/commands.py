@@ -1,0 +1,90 @@
+"""The grammar of ``.ctl/clone`` (SPEC §4): one command per write.
+
+    SRC DST        | -s SRC -d DST     start cloning SRC to a new VDisk DST
+    cancel SRC     | -s SRC -c         cancel the clones in progress from SRC
+    purge          | -p                clear the rows of finished operations
+
+A VDisk literally named "cancel" or "purge" is cloned with the ``-s``/``-d`` spelling.
+Anything else (more than one line, NULs, non-ASCII, unknown flags) is EINVAL.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from ..cow import names
+from ..cow.errors import VDiskError
+
+MAX_COMMAND = 4096
+
+
+@dataclass(frozen=True)
+class Command:
+    action: str            # "start", "cancel" or "purge"
+    src: str | None = None
+    dst: str | None = None
+
+
+def _bad(why: str) -> VDiskError:
+    return VDiskError(errno.EINVAL, why)
+
+
+def parse(data: bytes) -> Command:
+    if len(data) > MAX_COMMAND:
+        raise _bad("command too long")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise _bad("command is not ASCII") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+    if "\n" in text or "\0" in text or "\r" in text:
+        raise _bad("one command per write")
+    words = text.split()
+    if not words:
+        raise _bad("empty command")
+    if words[0].startswith("-"):
+        cmd = _parse_flags(words)
+    elif words == ["purge"]:
+        cmd = Command("purge")
+    elif len(words) == 2 and words[0] == "cancel":
+        cmd = Command("cancel", src=words[1])
+    elif len(words) == 2:
+        cmd = Command("start", src=words[0], dst=words[1])
+    else:
+        raise _bad(f"unknown command {text!r}")
+    for name in (cmd.src, cmd.dst):
+        if name is not None:
+            names.check(name)
+    return cmd
+
+
+def _parse_flags(words: list[str]) -> Command:
+    src = dst = None
+    cancel = purge = False
+    it = iter(words)
+    for w in it:
+        if w in ("-s", "-d"):
+            value = next(it, None)
+            if value is None or value.startswith("-"):
+                raise _bad(f"{w} needs a VDisk name")
+            if (src if w == "-s" else dst) is not None:
+                raise _bad(f"{w} given twice")
+            if w == "-s":
+                src = value
+            else:
+                dst = value
+        elif w == "-c":
+            cancel = True
+        elif w == "-p":
+            purge = True
+        else:
+            raise _bad(f"unknown flag {w!r}")
+    if purge and not (cancel or src or dst):
+        return Command("purge")
+    if cancel and src and not (dst or purge):
+        return Command("cancel", src=src)
+    if src and dst and not (cancel or purge):
+        return Command("start", src=src, dst=dst)
+    raise _bad("use -s SRC -d DST, -s SRC -c or -p")

@@ -1,0 +1,89 @@
+"""Clone jobs as trio tasks in the daemon's nursery.
+
+Each job runs in steps (``Clones.step``), each one transaction, and yields between them
+so that I/O to every VDisk keeps flowing. With a speed limit (``--clone-speed``, bytes of
+source data per second, like a QEMU block job's speed) a job shares one page per step and
+sleeps for the data it shared; unlimited, it shares a batch per step. A job shows
+``Completed`` only once the transaction that completed it is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+import trio
+
+from ..cow.clones import RUNNING
+from ..cow.pool import Pool
+from . import status
+from .commands import Command
+
+log = logging.getLogger(__name__)
+
+BATCH_PAGES = 64
+
+
+class JobRunner:
+    def __init__(self, pool: Pool, sync: Callable[[], Awaitable[None]], speed: int = 0):
+        self.pool = pool
+        self.sync = sync
+        self.speed = speed
+        self.nursery: trio.Nursery | None = None
+        self.completing: set[int] = set()   # Completed in memory, not yet durable
+        # Called with a VDisk name that vanished (cancel, error) so the kernel forgets it.
+        self.on_removed: Callable[[str, int], None] = lambda name, vid: None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Start serving; resume the jobs a previous mount left running."""
+        self.nursery = nursery
+        for job in self.pool.clones.running():
+            log.info("resuming clone %s -> %s at page %d", job["src_name"], job["dst_name"],
+                     job["cursor"])
+            nursery.start_soon(self._run, job)
+
+    async def execute(self, cmd: Command,
+                      flush: Callable[[str], Awaitable[None]]) -> None:
+        """Carry out one command from .ctl/clone; VDiskError(errno) refuses it."""
+        clones = self.pool.clones
+        if cmd.action == "purge":
+            clones.purge()
+        elif cmd.action == "cancel":
+            for job in clones.cancel_from(cmd.src):
+                self.on_removed(job["dst_name"], job["dst"])
+        else:
+            # Refuse early (nothing flushed for a bad command), then flush the source's
+            # dirty pages out of the kernel so the clone point includes them.
+            clones.check_start(cmd.src, cmd.dst)
+            await flush(cmd.src)
+            job = clones.start(cmd.src, cmd.dst)
+            log.info("clone %s -> %s started (%d pages)", cmd.src, cmd.dst, job["total"])
+            assert self.nursery is not None
+            self.nursery.start_soon(self._run, job)
+
+    async def _run(self, job: dict) -> None:
+        clones = self.pool.clones
+        try:
+            while job["state"] == RUNNING:
+                shared = clones.step(job, 1 if self.speed else BATCH_PAGES)
+                if self.speed:
+                    await trio.sleep(shared / self.speed)
+                else:
+                    await trio.sleep(0)
+            if job["state"] == "Completed":
+                self.completing.add(job["id"])
+                try:
+                    await self.sync()
+                finally:
+                    self.completing.discard(job["id"])
+                log.info("clone %s -> %s completed", job["src_name"], job["dst_name"])
+        except trio.Cancelled:
+            raise   # unmount: the job stays "running" in the metadata and resumes
+        except Exception as e:
+            log.exception("clone %s -> %s failed", job["src_name"], job["dst_name"])
+            if job["state"] == RUNNING:
+                clones.stop(job, "Error", str(e))
+                self.on_removed(job["dst_name"], job["dst"])
+
+    def render(self, extended: bool = False) -> bytes:
+        return status.render(self.pool, self.completing, extended)

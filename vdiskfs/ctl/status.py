@@ -1,0 +1,37 @@
+"""The status tables of ``.ctl/status`` (SPEC §4) and ``.ctl/jobs`` (extended columns)."""
+
+from __future__ import annotations
+
+import time
+
+from ..cow.clones import RUNNING
+from ..cow.pool import Pool
+
+
+def progress(pool: Pool, job: dict, completing: set[int]) -> str:
+    if job["state"] != RUNNING and job["id"] not in completing:
+        return job["state"]
+    return f"{pool.clones.percent(job) if job['state'] == RUNNING else 99}%"
+
+
+def shared_bytes(pool: Pool, job: dict) -> int:
+    if job["state"] == RUNNING:
+        dst = pool.get(job["dst"])
+        return dst.nalloc * pool.chunk_size if dst else 0
+    return job["bytes"] if job["state"] == "Completed" else 0
+
+
+def elapsed(job: dict) -> float:
+    end = job["ended_ns"] or time.time_ns()
+    return (end - job["started_ns"]) / 1e9
+
+
+def render(pool: Pool, completing: set[int], extended: bool = False) -> bytes:
+    rows = [("Source", "Destination", "Progress")
+            + (("Elapsed", "Shared") if extended else ())]
+    for job in pool.clones.jobs():
+        row = (job["src_name"], job["dst_name"], progress(pool, job, completing))
+        if extended:
+            row += (f"{elapsed(job):.1f}s", str(shared_bytes(pool, job)))
+        rows.append(row)
+    return "".join(" ".join(r) + "\n" for r in rows).encode()
