@@ -216,7 +216,7 @@ def kmounts():
 
 @pytest.fixture
 def mount(need_fuse, pool_dir, tmp_path, kmounts):
-    """A started vdiskfs mount (small chunks: more boundaries to straddle)."""
+    """A started vdiskfs mount of a new pool with the default options."""
     m = Mount(pool_dir, str(tmp_path / "mnt"))
     m.start()
     yield m

@@ -44,7 +44,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "vdiskfs", "mount", "--foreground", "--ready-fd", str(w),
            pool_dir, mnt]
-    if args.chunk_size:
+    if args.chunk_size is not None:
         cmd += ["--chunk-size", str(args.chunk_size)]
     if args.clone_speed:
         cmd += ["--clone-speed", str(args.clone_speed)]
@@ -103,18 +103,38 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pools = [p for p, m in vdiskfs_mounts() if m == mnt]
     if not pools:
         raise UserError(f"{mnt} is not a vdiskfs mount")
+    lock = os.path.join(pools[-1], layout.LOCK)
+    with open(lock) as f:
+        pid = int(f.read().strip() or 0)
     proc = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
     if proc.returncode:
         raise UserError(proc.stderr.strip() or f"fusermount3 -u {mnt} failed")
-    # The daemon checkpoints and exits after the kernel lets go; its lock tells us when.
-    wait_pool_released(pools[-1], args.timeout)
+    # The daemon checkpoints and exits after the kernel lets go: wait until it has
+    # released the pool lock and is gone, so a remount or fsck can follow at once.
+    deadline = time.monotonic() + args.timeout
+    wait_pool_released(lock, deadline)
+    while pid and _alive(pid):
+        if time.monotonic() > deadline:
+            raise UserError(f"daemon {pid} released the pool but has not exited")
+        time.sleep(0.01)
     return 0
 
 
-def wait_pool_released(pool_dir: str, timeout: float) -> None:
-    fd = os.open(os.path.join(pool_dir, layout.LOCK), os.O_RDONLY)
+def _alive(pid: int) -> bool:
     try:
-        deadline = time.monotonic() + timeout
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_pool_released(lock: str, deadline: float) -> None:
+    fd = os.open(lock, os.O_RDONLY)
+    try:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -122,9 +142,9 @@ def wait_pool_released(pool_dir: str, timeout: float) -> None:
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise UserError(f"unmounted, but the daemon still holds {pool_dir} "
-                                    f"after {timeout:.0f}s") from None
-                time.sleep(0.05)
+                    raise UserError(f"unmounted, but the daemon still holds {lock} "
+                                    "after the timeout") from None
+                time.sleep(0.02)
     finally:
         os.close(fd)
 

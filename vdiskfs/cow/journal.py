@@ -73,7 +73,10 @@ class Journal:
                 raise FormatError(f"{self.path}: transaction {n} is undecodable ({e}) "
                                   "although its checksum matches") from None
             codec.check_version(rec, "txn", self.path)
-            yield rec["ops"]
+            ops = rec.get("ops")
+            if not isinstance(ops, list) or not all(isinstance(op, list) for op in ops):
+                raise FormatError(f"{self.path}: transaction {n} has no list of operations")
+            yield ops
             self.end = end
         self.torn_bytes = size - self.end
 

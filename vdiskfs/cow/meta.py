@@ -74,6 +74,8 @@ class Metadata:
         # durable refcount may still be higher, so data must not be overwritten in place.
         self.unstable_slots: set[int] = set()
         self.unstable_pages: set[int] = set()
+        # The same sets of commits still running (their decrements are not durable yet).
+        self.inflight: list[tuple[set[int], set[int]]] = []
         self._ops: dict[str, Callable[..., None]] = {
             "vnew": self._vnew, "vset": self._vset, "vsize": self._vsize,
             "pcow": self._pcow, "eset": self._eset, "vshare": self._vshare,
@@ -261,8 +263,14 @@ class Metadata:
 
     def exclusive(self, pid: int, slot: int) -> bool:
         """May the data of ``slot`` (on page ``pid``) be overwritten in place?"""
-        return (self.page_ref[pid] == 1 and self.slot_ref[slot] == 1
-                and pid not in self.unstable_pages and slot not in self.unstable_slots)
+        if self.page_ref[pid] != 1 or self.slot_ref[slot] != 1:
+            return False
+        if pid in self.unstable_pages or slot in self.unstable_slots:
+            return False
+        for slots, pages in self.inflight:
+            if pid in pages or slot in slots:
+                return False
+        return True
 
     # ----------------------------------------------------------------- figures
     def usage(self, vd: VDisk) -> tuple[int, int]:

@@ -46,7 +46,7 @@ class Commit:
         self.freed_pids, m.freed_pids = m.freed_pids, []
         self.unstable = (m.unstable_slots, m.unstable_pages)
         m.unstable_slots, m.unstable_pages = set(), set()
-        pool._inflight.append(self.unstable)
+        m.inflight.append(self.unstable)
 
     def run(self) -> None:
         p = self.pool
@@ -61,7 +61,7 @@ class Commit:
         p.journal.end = self.offset + len(self.data)
         p.free_slots.extend(self.freed_slots)
         p.free_pids.extend(self.freed_pids)
-        p._inflight.remove(self.unstable)
+        p.meta.inflight.remove(self.unstable)
 
     def abort(self) -> None:
         """The run failed: keep everything for the next try."""
@@ -71,7 +71,7 @@ class Commit:
         m.freed_pids[:0] = self.freed_pids
         m.unstable_slots |= self.unstable[0]
         m.unstable_pages |= self.unstable[1]
-        p._inflight.remove(self.unstable)
+        m.inflight.remove(self.unstable)
 
 
 class Checkpoint(Commit):
@@ -106,7 +106,6 @@ class Pool:
         self.store: ChunkStore | None = None
         self.journal = journal_mod.Journal(self.path, readonly=readonly)
         self._txn: list | None = None
-        self._inflight: list[tuple[set, set]] = []
         self.open_count: dict[int, int] = {}
         self._dirty_times: set[int] = set()
         try:
@@ -292,6 +291,8 @@ class Pool:
             raise VDiskError(errno.EEXIST, f"{new} exists")
         self._check_not_cloning(vd)
         if other is not None:
+            if self.clones.unfinished(other):
+                raise VDiskError(errno.EEXIST, f"{new} is reserved by a clone in progress")
             self._check_not_cloning(other)
         self._begin()
         try:
@@ -402,7 +403,9 @@ class Pool:
         try:
             if vd.vid in self.clones.sources:
                 span = self.chunk_size * self.page_entries
-                self.clones.guard(vd, off // span, (end - 1) // span + 1)
+                self.clones.guard(vd, min(off, vd.size) // span, (end - 1) // span + 1)
+            if off > vd.size:
+                self._zero_tail(vd)
             if end > vd.size:
                 self._op(["vsize", vd.vid, end])
             cs = self.chunk_size
@@ -453,6 +456,14 @@ class Pool:
         store.write(new, coff, chunk)
         self._op(["eset", vd.vid, cidx, new])
 
+    def _zero_tail(self, vd: VDisk) -> None:
+        """Zero the last chunk past the end before the VDisk grows: those bytes are junk
+        (left by a shrink, or by an in-place write whose size change a crash lost)."""
+        cs = self.chunk_size
+        tail = vd.size % cs
+        if tail and self.meta.slot_of(vd, vd.size // cs):
+            self._write_chunk(vd, vd.size // cs, tail, memoryview(self.zero)[:cs - tail])
+
     def _zero_after(self, slot: int, coff: int, piece: memoryview) -> bool:
         """After writing zeros ``piece`` at ``coff``, is the whole chunk zero?"""
         buf = self.store.read(slot)
@@ -466,29 +477,30 @@ class Pool:
             return
         if self.clones.unfinished(vd):
             raise VDiskError(errno.EBUSY, f"{vd.name} is an unfinished clone")
+        pe = self.page_entries
         if size > vd.size:
             self._begin()
             try:
+                if vd.vid in self.clones.sources:
+                    span = self.chunk_size * pe
+                    self.clones.guard(vd, vd.size // span, vd.size // span + 1)
+                self._zero_tail(vd)
                 self._op(["vsize", vd.vid, size])
             finally:
                 self._end()
             return
-        cs, pe = self.chunk_size, self.page_entries
-        tail = size % cs
-        if tail:
-            # The rest of the last chunk must read as zeros if the VDisk grows again.
-            self.write(vd, size, memoryview(self.zero)[:cs - tail])
         self._begin()
         try:
             first_gone = self.meta.chunks_for(size)
             if vd.vid in self.clones.sources:
-                self.clones.guard(vd, first_gone // pe, len(vd.ptab))
+                self.clones.guard(vd, size // self.chunk_size // pe, len(vd.ptab))
             last_page_end = min(len(vd.ptab) * pe, self.meta.pages_for(size) * pe)
             for cidx in range(first_gone, last_page_end):
                 if self.meta.slot_of(vd, cidx):
                     self._private_page(vd, cidx // pe)
                     self._op(["eset", vd.vid, cidx, 0])
             self._op(["vsize", vd.vid, size])
+            self._zero_tail(vd)   # frees the last chunk if only zeros remain
         finally:
             self._end()
         vd.props["mtime_ns"] = time.time_ns()
@@ -588,7 +600,7 @@ def open_pool(path: str, *, create: bool = False, chunk_size: int | None = None,
     if not os.path.exists(os.path.join(path, layout.HEADER)):
         if not create:
             raise FileNotFoundError(f"{path} is not a vdiskfs pool (no {layout.HEADER})")
-        create_pool(path, chunk_size or layout.DEFAULT_CHUNK_SIZE)
+        create_pool(path, layout.DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
     elif chunk_size is not None:
         have = layout.read_header(path)["chunk_size"]
         if have != chunk_size:
