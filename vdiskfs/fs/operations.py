@@ -209,10 +209,13 @@ class Operations(pyfuse3.Operations):
     @handler
     async def setattr(self, inode, attr, fields, fh, ctx):
         if inode in CTL_INODES:
-            # `echo CMD > .ctl/clone` opens with O_TRUNC: accept the truncate as a no-op.
-            if fields.update_size and attr.st_size == 0 and CTL_INODES[inode][0] == b"clone":
-                return self._ctl_attr(inode)
-            raise FUSEError(errno.EPERM)
+            # `echo CMD > .ctl/clone` opens with O_TRUNC, and the kernel sends time updates
+            # at close (writeback cache): accept both as no-ops, refuse anything else.
+            if (fields.update_mode or fields.update_uid or fields.update_gid
+                    or (fields.update_size and (attr.st_size != 0
+                                                or CTL_INODES[inode][0] != b"clone"))):
+                raise FUSEError(errno.EPERM)
+            return self._ctl_attr(inode)
         if inode in (ROOT, CTL):
             raise FUSEError(errno.EPERM)
         vd = self.vdisk(inode)
