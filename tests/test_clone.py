@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import Mount, fsck_clean, run, vdiskfs
+from conftest import Mount, fsck_clean, run
 
 pytestmark = pytest.mark.mount
 
@@ -286,11 +286,6 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-def other_vdiskfs_mounts(mine: list[str]) -> list[str]:
-    from vdiskfs.ctl.client import vdiskfs_mounts
-    return [mnt for _, mnt in vdiskfs_mounts() if mnt not in mine]
-
-
 # ================================================================ .ctl files
 def test_ctl_files_exist_with_modes(mount):
     ctl_dir = os.path.join(mount.mnt, ".ctl")
@@ -336,6 +331,16 @@ def test_clone_both_spellings_and_shell_echo(mount):
         assert st.st_blocks == os.stat(foo).st_blocks   # the same chunks, shared
         same(mount.path(dst), data, dst)
     same(foo, data, "FOO")
+    # Each write() is one command, also several through one open file.
+    fd = os.open(ctl_path(mount.mnt), os.O_WRONLY)
+    try:
+        os.write(fd, b"FOO W1\n")
+        os.write(fd, b"-s FOO -d W2")
+    finally:
+        os.close(fd)
+    for dst in ("W1", "W2"):
+        wait_completed(mount, "FOO", dst)
+        same(mount.path(dst), data, dst)
 
 
 def test_bad_command_is_a_shell_write_error_and_changes_nothing(mount):
@@ -395,10 +400,6 @@ def test_command_errnos(mount):
     assert get(mount.path("purge")) == b"c" * 100
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: closing .ctl/clone after an open with O_TRUNC "
-                   "(Python open(p, 'w'), C fopen(p, \"w\"), shell '>') fails with EPERM "
-                   "although the command ran: the kernel's writeback-cache close flushes "
-                   "mtime/ctime with a SETATTR that Operations.setattr refuses for .ctl files")
 def test_ctl_clone_written_like_a_file_closes_cleanly(mount):
     put(mount.path("FOO"), b"foo" * 1000)
     errors = []
@@ -666,6 +667,7 @@ def test_source_and_destination_are_protected_while_cloning(new_mount):
     data = slow_source(m)
     put(m.path("OTHER"), b"other")
     ctl(m.mnt, "FOO BAR")
+    assert "BAR" in listing(m.mnt)            # listed at once
     wait_running(m, "FOO", "BAR", 10)
     foo, bar = m.path("FOO"), m.path("BAR")
     # The destination is listed at once, with the source's size, and cannot be opened.
@@ -698,9 +700,6 @@ def test_source_and_destination_are_protected_while_cloning(new_mount):
     assert listing(m.mnt) == {"BAR", "OTHER"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rename(OTHER, BAR) onto the name reserved by a "
-                   "clone in progress fails with EBUSY, SPEC §3 says EEXIST for anyone else "
-                   "(Pool.rename runs _check_not_cloning(target) before any EEXIST check)")
 def test_rename_onto_a_reserved_destination_is_eexist(new_mount):
     m = new_mount.start(*SLOW)
     data = slow_source(m)
@@ -736,6 +735,7 @@ def test_cancel_removes_destination_and_releases_space(new_mount):
 
     ctl(m.mnt, "cancel FOO")          # cancels every clone in progress from FOO
     assert status_rows(m.mnt) == [("FOO", "BAR", "Cancelled"), ("FOO", "BAZ", "Cancelled")]
+    assert [(r[2], r[4]) for r in jobs_rows(m.mnt)] == [("Cancelled", 0)] * 2   # holds nothing
     assert listing(m.mnt) == {"FOO"}
     for name in ("BAR", "BAZ"):
         assert open_errno(m.path(name)) == errno.ENOENT
@@ -759,9 +759,6 @@ def test_cancel_removes_destination_and_releases_space(new_mount):
     assert abs(data_du(m.pool) - du0) < MiB, (du0, data_du(m.pool))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: right after `cancel` returns, stat(DST) may "
-                   "still succeed (stale dentry/attributes for up to 1 s): the daemon drops "
-                   "the name with pyfuse3.invalidate_entry_async, which races with the caller")
 def test_cancelled_destination_is_gone_when_cancel_returns(new_mount):
     m = new_mount.start(*SLOW)
     slow_source(m)
@@ -819,7 +816,9 @@ def test_clone_of_256mib_takes_no_data_space(mount):
 def test_clone_resumes_after_remount(new_mount):
     m = new_mount.start(*SLOW)
     data = slow_source(m)
+    slow_source(m, "SRC2", 20 * MiB, seed=25)
     ctl(m.mnt, "FOO BAR")
+    ctl(m.mnt, "SRC2 BAZ")
     before = wait_running(m, "FOO", "BAR", 20)
     m.stop()
     m.start(*SLOW)
@@ -831,8 +830,13 @@ def test_clone_resumes_after_remount(new_mount):
     if pct(st) is not None:
         assert pct(st) >= before, f"progress went back from {before}% to {st}"
         assert err == errno.EBUSY or st2 == "Completed"
+    # A resumed clone can be cancelled like any other.
+    if pct(state_of(m.mnt, "SRC2", "BAZ")) is not None:
+        ctl(m.mnt, "cancel SRC2")
+        assert state_of(m.mnt, "SRC2", "BAZ") == "Cancelled"
+        assert "BAZ" not in listing(m.mnt)
     wait_completed(m, "FOO", "BAR")
-    assert [r[:2] for r in status_rows(m.mnt)] == [("FOO", "BAR")]
+    assert [r[:2] for r in status_rows(m.mnt)] == [("FOO", "BAR"), ("SRC2", "BAZ")]
     same(m.path("BAR"), data, "BAR")
     m.stop()
     fsck_clean(m.pool)
@@ -848,6 +852,7 @@ def test_clone_resumes_after_kill9(new_mount):
     now = patched(data, 8 * PAGE + 5, pattern(23, MiB))
     wait_running(m, "FOO", "BAR", 30)
     m.kill9()
+    fsck_clean(m.pool)          # a crashed pool with a clone in progress is consistent
     m.start(*SLOW)
     st = state_of(m.mnt, "FOO", "BAR")
     err = open_errno(m.path("BAR"))
@@ -863,11 +868,6 @@ def test_clone_resumes_after_kill9(new_mount):
     fsck_clean(m.pool)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with --clone-speed, JobRunner._run sleeps "
-                   "for the rate limit after the step that completed the job and only then "
-                   "commits it: for that sleep the status shows Completed (and DST opens) "
-                   "though nothing of the clone is durable; a crash then loses the clone "
-                   "entirely (no row, no DST)")
 def test_completed_is_durable(new_mount):
     """Once the status says Completed, a crash does not take it back."""
     # One full 4 MiB page at 2 MiB/s: the job's only step is also its last.
@@ -884,6 +884,40 @@ def test_completed_is_durable(new_mount):
     same(m.path("BAR"), data, "BAR")
     m.stop()
     fsck_clean(m.pool)
+
+
+def test_started_clone_survives_a_crash(new_mount):
+    """A clone whose start was acknowledged is resumed (or reported) after kill -9."""
+    m = new_mount.start(*SLOW)
+    data = slow_source(m)
+    ctl(m.mnt, "FOO BAR")
+    assert_running(m, ("FOO", "BAR"))
+    m.kill9()
+    m.start(*SLOW)
+    rows = status_rows(m.mnt)
+    assert [r[:2] for r in rows] == [("FOO", "BAR")], \
+        f"the clone vanished in the crash: rows {rows}, VDisks {sorted(listing(m.mnt))}"
+    if follow(m, "FOO", "BAR")[-1] == "Completed":
+        same(m.path("BAR"), data, "BAR")
+    else:
+        assert "BAR" not in listing(m.mnt)
+
+
+def test_cancel_survives_a_crash(new_mount):
+    """A cancelled clone stays cancelled: it does not come back after kill -9."""
+    m = new_mount.start(*SLOW)
+    slow_source(m)
+    ctl(m.mnt, "FOO BAR")
+    commit(m.path("FOO"))                 # the clone's start is durable
+    wait_running(m, "FOO", "BAR", 10)
+    ctl(m.mnt, "cancel FOO")
+    assert state_of(m.mnt, "FOO", "BAR") == "Cancelled"
+    m.kill9()
+    m.start(*SLOW)
+    st = state_of(m.mnt, "FOO", "BAR")
+    names = sorted(listing(m.mnt))
+    assert st == "Cancelled" and names == ["FOO"], \
+        f"after kill -9 the cancelled clone is {st}, VDisks {names}"
 
 
 # ================================================================ the command line
@@ -996,18 +1030,17 @@ def test_cli_finds_the_mount(mount, tmp_path):
 
     # The only vdiskfs mount in /proc/mounts. Other test sessions may have mounts of their
     # own: hide them in a private mount namespace (their daemons are not affected).
-    others = other_vdiskfs_mounts([mnt])
-    hide = "for m in \"$@\"; do umount -l \"$m\"; done; "
+    hide = ("for m in $(awk '$3 == \"fuse.vdiskfs\" {print $2}' /proc/self/mounts); do "
+            "[ \"$m\" = \"$1\" ] || umount -l \"$m\" 2>/dev/null; done; ")
+    env = {k: v for k, v in os.environ.items() if k != "VDISKFS_MOUNT"}
     proc = run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                hide + f"exec {QCLONE} -s FOO -d AUTO -w", "sh", *others], check=False,
-               env={k: v for k, v in os.environ.items() if k != "VDISKFS_MOUNT"})
+                hide + f"exec {QCLONE} -s FOO -d AUTO -w", "sh", mnt], check=False, env=env)
     assert_ok(proc)
     assert state_of(mnt, "FOO", "AUTO") == "Completed"
     assert get(mount.path("AUTO")) == b"foo" * 1000
     # No vdiskfs mount at all: a clear error.
     proc = run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                hide + f"exec {QCLONE} -l", "sh", *others, mnt], check=False,
-               env={k: v for k, v in os.environ.items() if k != "VDISKFS_MOUNT"})
+                hide + f"exec {QCLONE} -l", "sh", "(none)"], check=False, env=env)
     assert_user_error(proc, "no vdiskfs mount")
     assert os.path.ismount(mnt)   # hidden in the namespace only
 

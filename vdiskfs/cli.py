@@ -282,31 +282,32 @@ def add_clone_args(p: argparse.ArgumentParser) -> None:
 
 def qclone_main(argv: list[str] | None = None) -> int:
     """``qclone``: the clone command under QUADStor's name, with the same flags."""
-    return main(["clone"] + (sys.argv[1:] if argv is None else argv), prog="qclone")
+    parser = argparse.ArgumentParser(prog="qclone", description="Clone VDisks "
+                                     "(vdiskfs clone, with QUADStor qclone flags).")
+    add_clone_args(parser)
+    parser.set_defaults(func=cmd_clone)
+    return _run(parser, argv)
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    parser = build_parser()
-    if prog == "qclone":
-        parser = argparse.ArgumentParser(prog="qclone", description="Clone VDisks "
-                                         "(vdiskfs clone, with QUADStor qclone flags).")
-        add_clone_args(parser)
-        parser.set_defaults(func=cmd_clone)
-        argv = argv[1:]
+def main(argv: list[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as e:
-        print(f"vdiskfs: {e}", file=sys.stderr)
+        print(f"{parser.prog}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     except OSError as e:
-        print(f"vdiskfs: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
+        print(f"{parser.prog}: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""),
               file=sys.stderr)
         return 1
     except ValueError as e:
-        print(f"vdiskfs: {e}", file=sys.stderr)
+        print(f"{parser.prog}: {e}", file=sys.stderr)
         return 1
 
 

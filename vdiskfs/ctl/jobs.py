@@ -4,7 +4,9 @@ Each job runs in steps (``Clones.step``), each one transaction, and yields betwe
 so that I/O to every VDisk keeps flowing. With a speed limit (``--clone-speed``, bytes of
 source data per second, like a QEMU block job's speed) a job shares one page per step and
 sleeps for the data it shared; unlimited, it shares a batch per step. A job shows
-``Completed`` only once the transaction that completed it is durable.
+``Completed``, and its destination opens, only once the transaction that completed it is
+durable. A command (start, cancel, purge) returns once its effect is durable too, so a
+crash right after never undoes an acknowledged command.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class JobRunner:
         self.speed = speed
         self.nursery: trio.Nursery | None = None
         self.completing: set[int] = set()   # Completed in memory, not yet durable
-        # Called with a VDisk name that vanished (cancel, error) so the kernel forgets it.
-        self.on_removed: Callable[[str, int], None] = lambda name, vid: None
+        # Awaited with a VDisk name that vanished (cancel, error) so the kernel forgets it.
+        self.on_removed: Callable[[str, int], Awaitable[None]] = _nothing
 
     def attach(self, nursery: trio.Nursery) -> None:
         """Start serving; resume the jobs a previous mount left running."""
@@ -48,9 +50,12 @@ class JobRunner:
         clones = self.pool.clones
         if cmd.action == "purge":
             clones.purge()
+            await self.sync()
         elif cmd.action == "cancel":
-            for job in clones.cancel_from(cmd.src):
-                self.on_removed(job["dst_name"], job["dst"])
+            jobs = clones.cancel_from(cmd.src)
+            await self.sync()
+            for job in jobs:
+                await self.on_removed(job["dst_name"], job["dst"])
         else:
             # Refuse early (nothing flushed for a bad command), then flush the source's
             # dirty pages out of the kernel so the clone point includes them.
@@ -60,16 +65,16 @@ class JobRunner:
             log.info("clone %s -> %s started (%d pages)", cmd.src, cmd.dst, job["total"])
             assert self.nursery is not None
             self.nursery.start_soon(self._run, job)
+            await self.sync()
 
     async def _run(self, job: dict) -> None:
         clones = self.pool.clones
         try:
             while job["state"] == RUNNING:
                 shared = clones.step(job, 1 if self.speed else BATCH_PAGES)
-                if self.speed:
-                    await trio.sleep(shared / self.speed)
-                else:
-                    await trio.sleep(0)
+                if job["state"] != RUNNING:
+                    break
+                await trio.sleep(shared / self.speed if self.speed else 0)
             if job["state"] == "Completed":
                 self.completing.add(job["id"])
                 try:
@@ -83,7 +88,16 @@ class JobRunner:
             log.exception("clone %s -> %s failed", job["src_name"], job["dst_name"])
             if job["state"] == RUNNING:
                 clones.stop(job, "Error", str(e))
-                self.on_removed(job["dst_name"], job["dst"])
+                await self.on_removed(job["dst_name"], job["dst"])
+
+    def settling(self, vid: int) -> bool:
+        """Is ``vid`` the destination of a clone whose completion is not durable yet?"""
+        return any(self.pool.meta.jobs[jid]["dst"] == vid for jid in self.completing
+                   if jid in self.pool.meta.jobs)
 
     def render(self, extended: bool = False) -> bytes:
         return status.render(self.pool, self.completing, extended)
+
+
+async def _nothing(name: str, vid: int) -> None:
+    pass

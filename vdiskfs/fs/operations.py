@@ -143,13 +143,15 @@ class Operations(pyfuse3.Operations):
             return self._ctl_attr(inode)
         return self.vdisk_attr(self.vdisk(inode))
 
-    def _name_removed(self, name: str, vid: int) -> None:
-        """A VDisk vanished behind the kernel's back (clone cancelled): drop its dentry."""
+    async def _name_removed(self, name: str, vid: int) -> None:
+        """A VDisk vanished behind the kernel's back (clone cancelled): drop its dentry
+        before the command returns. The kernel takes the directory lock, which a lookup
+        waiting on this loop may hold: so from a worker thread."""
         try:
-            pyfuse3.invalidate_entry_async(ROOT, name.encode(), deleted=vid + VDISK_BASE,
-                                           ignore_enoent=True)
-        except Exception as e:   # not mounted (in-process tests) or an old kernel
-            log.debug("invalidate_entry_async(%s): %s", name, e)
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, ROOT, name.encode(),
+                                          vid + VDISK_BASE)
+        except Exception as e:   # ENOENT (never looked up), or not mounted (in-process)
+            log.debug("invalidate_entry(%s): %s", name, e)
 
     async def _flush_vdisk(self, name: str) -> None:
         """Write the kernel's dirty pages of a VDisk back (writeback cache) before a clone
@@ -351,7 +353,7 @@ class Operations(pyfuse3.Operations):
         if inode in CTL_INODES:
             return self._open_ctl(inode, flags)
         vd = self.vdisk(inode)
-        if self.pool.clones.unfinished(vd):
+        if self.pool.clones.unfinished(vd) or self.jobs.settling(vd.vid):
             raise FUSEError(errno.EBUSY)   # no client may attach a half-made clone
         return self._open_handle(vd)
 
