@@ -1384,9 +1384,8 @@ def test_fsck_reports_unfinished_clone_without_job(path):
     p = Pool(path)
     _source(p)
     job = p.clones.start("A", "B")
-    p._begin()
-    p._op(["jset", job["id"], "state", "Error"])   # the job is gone, the mark is not
-    p._end()
+    with p.transaction:
+        p._op(["jset", job["id"], "state", "Error"])   # the job is gone, the mark is not
     p.checkpoint()
     p.close(commit=False)
     r = fsck(path)

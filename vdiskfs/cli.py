@@ -39,7 +39,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError(f"mount point {mnt} is not a directory")
     if args.foreground:
         return _serve(pool_dir, mnt, args.chunk_size, args.debug, args.ready_fd,
-                      args.clone_speed)
+                      args.clone_speed, not args.unsafe_no_data_sync)
     # Background: a detached child serves; we return once it reports the mount ready.
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "vdiskfs", "mount", "--foreground", "--ready-fd", str(w),
@@ -48,6 +48,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cmd += ["--chunk-size", str(args.chunk_size)]
     if args.clone_speed:
         cmd += ["--clone-speed", str(args.clone_speed)]
+    if args.unsafe_no_data_sync:
+        cmd.append("--unsafe-no-data-sync")
     if args.debug:
         cmd.append("--debug")
     child = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
@@ -65,7 +67,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
-           ready_fd: int | None, clone_speed: int) -> int:
+           ready_fd: int | None, clone_speed: int, sync_data: bool) -> int:
     # Imported here: pyfuse3 and trio are needed by the daemon only.
     from .cow.pool import open_pool
     from .fs.daemon import Daemon, setup_logging
@@ -76,7 +78,7 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
             os.close(ready_fd)
 
     try:
-        pool = open_pool(pool_dir, create=True, chunk_size=chunk_size)
+        pool = open_pool(pool_dir, create=True, chunk_size=chunk_size, sync_data=sync_data)
     except (PoolBusy, FormatError, FileExistsError, FileNotFoundError, ValueError,
             PermissionError) as e:
         report(str(e))
@@ -239,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 64M (default: unlimited)")
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # Breaks fsync on purpose (no fdatasync of chunk data): only for the test that proves
+    # the power-loss test can fail. See docs/RELIABILITY.md.
+    m.add_argument("--unsafe-no-data-sync", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="flush, unmount and wait for the daemon to exit")

@@ -98,8 +98,7 @@ class Clones:
         p, m = self.pool, self.meta
         src = self.check_start(src_name, dst_name)
         jid = m.next_job
-        props = p._new_props(src.props["mode"], src.props["uid"], src.props["gid"],
-                             base={"lba_size": src.props["lba_size"]})
+        props = p.clone_props(src)
         props["clone_job"] = jid
         vid = m.next_vid
         total = sum(1 for pid in src.ptab if pid)
@@ -107,12 +106,9 @@ class Clones:
                "dst_name": dst_name, "state": RUNNING, "cursor": 0, "done": [],
                "total": total, "progress": 0, "bytes": src.nalloc * p.chunk_size,
                "started_ns": time.time_ns(), "ended_ns": None, "error": None}
-        p._begin()
-        try:
+        with p.transaction:
             p._op(["vnew", vid, dst_name, src.size, props])
             p._op(["jnew", job])
-        finally:
-            p._end()
         job = m.jobs[jid]
         self._track(job)
         if total == 0:
@@ -129,8 +125,7 @@ class Clones:
         end = len(dst.ptab)
         pidx = job["cursor"]
         shared = pages = 0
-        p._begin()
-        try:
+        with p.transaction:
             while pidx < end and pages < max_pages:
                 if pidx in done or pidx >= len(src.ptab) or not src.ptab[pidx]:
                     pidx += 1
@@ -147,8 +142,6 @@ class Clones:
                 p._op(["jset", job["id"], "progress", job["progress"] + pages])
             if pidx >= end:
                 self._finish(job, "Completed")
-        finally:
-            p._end()
         return shared * p.chunk_size
 
     def guard(self, vd: VDisk, p0: int, p1: int) -> None:
@@ -183,11 +176,8 @@ class Clones:
         """Cancel (or fail) a running job: the destination and all it held go."""
         if job["state"] != RUNNING:
             return
-        self.pool._begin()
-        try:
+        with self.pool.transaction:
             self._finish(job, state, error)
-        finally:
-            self.pool._end()
 
     def cancel_from(self, src_name: str) -> list[dict]:
         jobs = [j for j in self.running() if j["src_name"] == src_name]
@@ -200,10 +190,7 @@ class Clones:
     def purge(self) -> int:
         gone = [j["id"] for j in self.meta.jobs.values() if j["state"] in FINISHED]
         if gone:
-            self.pool._begin()
-            try:
+            with self.pool.transaction:
                 for jid in gone:
                     self.pool._op(["jdel", jid])
-            finally:
-                self.pool._end()
         return len(gone)

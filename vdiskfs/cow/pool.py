@@ -96,6 +96,25 @@ class Checkpoint(Commit):
         super().finish()
 
 
+class _Transaction:
+    """``with pool.transaction:`` groups ops into one journal record. Whatever was applied
+    is journaled even if the block fails, so memory and journal always agree."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, pool: "Pool"):
+        self.pool = pool
+
+    def __enter__(self) -> None:
+        assert self.pool._txn is None, "nested transaction"
+        self.pool._txn = []
+
+    def __exit__(self, *exc) -> None:
+        ops, self.pool._txn = self.pool._txn, None
+        if ops:
+            self.pool.journal.add(ops)
+
+
 class Pool:
     def __init__(self, path: str, *, readonly: bool = False, sync_data: bool = True):
         """Open an existing pool (see ``open``/``create``); takes the pool lock."""
@@ -106,6 +125,7 @@ class Pool:
         self.store: ChunkStore | None = None
         self.journal = journal_mod.Journal(self.path, readonly=readonly)
         self._txn: list | None = None
+        self.transaction = _Transaction(self)
         self.open_count: dict[int, int] = {}
         self._dirty_times: set[int] = set()
         try:
@@ -166,9 +186,8 @@ class Pool:
         # VDisks unlinked while open were waiting for their last close: nothing is open now.
         orphans = [vd for vd in m.vdisks.values() if vd.name is None]
         for vd in orphans:
-            self._begin()
-            self._op(["vdel", vd.vid])
-            self._end()
+            with self.transaction:
+                self._op(["vdel", vd.vid])
 
     def _rebuild_free_lists(self) -> None:
         m = self.meta
@@ -178,19 +197,10 @@ class Pool:
         self.free_pids = [p for p in range(self.next_pid - 1, 0, -1) if not m.page_ref[p]]
 
     # ------------------------------------------------------------ transactions
-    def _begin(self) -> None:
-        assert self._txn is None, "nested transaction"
-        self._txn = []
-
     def _op(self, op: list) -> None:
+        """Apply one op inside ``with self.transaction:``."""
         self.meta.apply(op)
         self._txn.append(op)
-
-    def _end(self) -> None:
-        # Journal whatever was applied, even after an error: memory and journal agree.
-        ops, self._txn = self._txn, None
-        if ops:
-            self.journal.add(ops)
 
     def _alloc_slot(self) -> int:
         if self.free_slots:
@@ -246,31 +256,26 @@ class Pool:
             raise VDiskError(errno.EEXIST, f"{name} exists")
         _check_size(size)
         vid = self.meta.next_vid
-        self._begin()
-        try:
+        with self.transaction:
             self._op(["vnew", vid, name, size, self._new_props(mode, uid, gid)])
-        finally:
-            self._end()
         return self.meta.vdisks[vid]
 
-    def clone(self, src: VDisk, dst_name: str, *, uid: int | None = None,
-              gid: int | None = None) -> VDisk:
-        """Make ``dst_name`` a copy of ``src`` sharing all its pages (one transaction)."""
+    def clone_props(self, src: VDisk) -> dict:
+        """A clone inherits the source's properties and owner, and gets its own serial."""
+        p = src.props
+        return self._new_props(p["mode"], p["uid"], p["gid"], base={"lba_size": p["lba_size"]})
+
+    def clone(self, src: VDisk, dst_name: str) -> VDisk:
+        """Make ``dst_name`` a copy of ``src`` sharing all its pages, in one transaction
+        (the engine primitive; the mount's clones are resumable jobs: cow/clones.py)."""
         self._check_writable()
         names.check(dst_name)
         if dst_name in self.meta.names:
             raise VDiskError(errno.EEXIST, f"{dst_name} exists")
-        p = src.props
-        props = self._new_props(p["mode"], p["uid"] if uid is None else uid,
-                                p["gid"] if gid is None else gid,
-                                base={k: v for k, v in p.items() if k == "lba_size"})
         vid = self.meta.next_vid
-        self._begin()
-        try:
-            self._op(["vnew", vid, dst_name, src.size, props])
+        with self.transaction:
+            self._op(["vnew", vid, dst_name, src.size, self.clone_props(src)])
             self._op(["vshare", src.vid, vid, 0, len(src.ptab)])
-        finally:
-            self._end()
         return self.meta.vdisks[vid]
 
     def _check_not_cloning(self, vd: VDisk) -> None:
@@ -294,13 +299,10 @@ class Pool:
             if self.clones.unfinished(other):
                 raise VDiskError(errno.EEXIST, f"{new} is reserved by a clone in progress")
             self._check_not_cloning(other)
-        self._begin()
-        try:
+        with self.transaction:
             if other is not None:
                 self._unlink_op(other, target_in_use)
             self._op(["vset", vd.vid, "name", new])
-        finally:
-            self._end()
 
     def _unlink_op(self, vd: VDisk, in_use: bool) -> None:
         if in_use or self.open_count.get(vd.vid):
@@ -313,20 +315,14 @@ class Pool:
         inode) keeps its data until ``forget``; the next mount frees any left over."""
         self._check_writable()
         self._check_not_cloning(vd)
-        self._begin()
-        try:
+        with self.transaction:
             self._unlink_op(vd, in_use)
-        finally:
-            self._end()
 
     def forget(self, vd: VDisk) -> None:
         """Nothing refers to this VDisk any more: free it if it was unlinked."""
         if vd.name is None and vd.vid in self.meta.vdisks and not self.open_count.get(vd.vid):
-            self._begin()
-            try:
+            with self.transaction:
                 self._op(["vdel", vd.vid])
-            finally:
-                self._end()
 
     def opened(self, vd: VDisk) -> None:
         self.open_count[vd.vid] = self.open_count.get(vd.vid, 0) + 1
@@ -345,22 +341,16 @@ class Pool:
                 raise VDiskError(errno.EINVAL, f"lba_size must be one of {LBA_SIZES}")
             if self.open_count.get(vd.vid) or self.clones.unfinished(vd):
                 raise VDiskError(errno.EBUSY, f"{vd.name} is in use")
-        self._begin()
-        try:
+        with self.transaction:
             self._op(["vset", vd.vid, key, value])
-        finally:
-            self._end()
 
     def touch(self, vd: VDisk, **times: int) -> None:
         """Set mtime_ns/ctime_ns/mode/uid/gid (journaled like any property)."""
         self._check_writable()
-        self._begin()
-        try:
+        with self.transaction:
             for k, v in times.items():
                 if vd.props.get(k) != v:
                     self._op(["vset", vd.vid, k, v])
-        finally:
-            self._end()
 
     # ------------------------------------------------------------ data path
     def read(self, vd: VDisk, off: int, size: int) -> bytearray:
@@ -399,8 +389,7 @@ class Pool:
             raise VDiskError(errno.EINVAL, "negative offset")
         if end > MAX_VDISK_SIZE:
             raise VDiskError(errno.EFBIG, "write past the largest VDisk size")
-        self._begin()
-        try:
+        with self.transaction:
             if vd.vid in self.clones.sources:
                 span = self.chunk_size * self.page_entries
                 self.clones.guard(vd, min(off, vd.size) // span, (end - 1) // span + 1)
@@ -415,8 +404,6 @@ class Pool:
                 n = min(cs - coff, len(mv) - pos)
                 self._write_chunk(vd, cidx, coff, mv[pos:pos + n])
                 pos += n
-        finally:
-            self._end()
         vd.props["mtime_ns"] = time.time_ns()
         self._dirty_times.add(vd.vid)
         return len(mv)
@@ -479,18 +466,14 @@ class Pool:
             raise VDiskError(errno.EBUSY, f"{vd.name} is an unfinished clone")
         pe = self.page_entries
         if size > vd.size:
-            self._begin()
-            try:
+            with self.transaction:
                 if vd.vid in self.clones.sources:
                     span = self.chunk_size * pe
                     self.clones.guard(vd, vd.size // span, vd.size // span + 1)
                 self._zero_tail(vd)
                 self._op(["vsize", vd.vid, size])
-            finally:
-                self._end()
             return
-        self._begin()
-        try:
+        with self.transaction:
             first_gone = self.meta.chunks_for(size)
             if vd.vid in self.clones.sources:
                 self.clones.guard(vd, size // self.chunk_size // pe, len(vd.ptab))
@@ -501,8 +484,6 @@ class Pool:
                     self._op(["eset", vd.vid, cidx, 0])
             self._op(["vsize", vd.vid, size])
             self._zero_tail(vd)   # frees the last chunk if only zeros remain
-        finally:
-            self._end()
         vd.props["mtime_ns"] = time.time_ns()
         self._dirty_times.add(vd.vid)
 
@@ -536,14 +517,11 @@ class Pool:
     def _flush_times(self) -> None:
         # mtimes change on every write; journal only the latest value, once per commit.
         dirty, self._dirty_times = self._dirty_times, set()
-        self._begin()
-        try:
+        with self.transaction:
             for vid in dirty:
                 vd = self.meta.vdisks.get(vid)
                 if vd is not None:
                     self._op(["vset", vid, "mtime_ns", vd.props["mtime_ns"]])
-        finally:
-            self._end()
 
     def wants_checkpoint(self) -> bool:
         return self.journal.size() > CHECKPOINT_JOURNAL_BYTES
