@@ -774,15 +774,12 @@ def test_torn_journal_tail_is_cut(path, damage):
         a = p2.lookup("A")
         assert bytes(p2.read(a, 0, 5)) == b"first"
         if damage == "garbage":
-            assert p2.replayed == len(frames) - 1
-        elif damage == "cut_last_bytes":
-            assert p2.replayed == len(frames) - 2
-        else:
-            assert p2.replayed == n_first - 1
-        if damage in ("garbage", "cut_last_bytes"):
+            # Both batches are whole (each closed by its commit frame): all replayed.
+            assert p2.replayed == len(frames) - 3
             assert bytes(p2.read(a, SPAN, 6)) == b"second"
         else:
-            # Everything from the torn record on is dropped, everything before recovered.
+            # The damaged last batch is dropped whole, everything before it recovered.
+            assert p2.replayed == n_first - 2
             assert a.size == 5
         # The tail was cut: the file ends after the last intact record ...
         assert os.path.getsize(jpath) == p2.journal.end
@@ -812,7 +809,7 @@ def _corrupt_middle_frame(path: str, payload_for) -> None:
     assert len(payload) == n
     with open(os.path.join(path, layout.JOURNAL), "r+b") as f:
         f.seek(start)
-        f.write(codec.FRAME_HEADER.pack(n, zlib.crc32(payload)) + payload)
+        f.write(codec.FRAME_HEADER.pack(codec.FRAME_MAGIC, n, zlib.crc32(payload)) + payload)
 
 
 def _pool_with_journal(path: str) -> None:
@@ -822,6 +819,35 @@ def _pool_with_journal(path: str) -> None:
         p.write(a, i * SPAN, b"record %d" % i)
         p.sync()
     crash(p)
+
+
+@pytest.mark.parametrize("which", ["middle", "last"])
+def test_flipped_bit_in_journal(path, which):
+    """A damaged batch with later batches after it is corruption (refused, naming the
+    file); damage in the last batch looks like a torn append and only that batch goes."""
+    _pool_with_journal(path)
+    frames = journal_frames(path)
+    start, end = frames[2] if which == "middle" else frames[-2]
+    jpath = os.path.join(path, layout.JOURNAL)
+    with open(jpath, "r+b") as f:
+        f.seek(end - 1)
+        b = f.read(1)
+        f.seek(end - 1)
+        f.write(bytes([b[0] ^ 0x01]))
+    if which == "middle":
+        with pytest.raises(FormatError, match="journal.*corrupt.*fsck --repair"):
+            Pool(path)
+        assert not fsck(path).clean
+        return
+    p = Pool(path)
+    try:
+        a = p.lookup("A")
+        assert bytes(p.read(a, 0, 8)) == b"record 0"
+        assert bytes(p.read(a, 2 * SPAN, 8)) == b"record 2"
+        assert a.size == 2 * SPAN + 8          # record 3's batch was dropped
+        check(p)
+    finally:
+        p.close()
 
 
 def test_undecodable_record_with_good_crc_is_format_error(path):

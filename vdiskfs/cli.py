@@ -39,7 +39,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         raise UserError(f"mount point {mnt} is not a directory")
     if args.foreground:
         return _serve(pool_dir, mnt, args.chunk_size, args.debug, args.ready_fd,
-                      args.clone_speed, not args.unsafe_no_data_sync)
+                      args.clone_speed, not args.unsafe_no_data_sync, args.allow_other)
     # Background: a detached child serves; we return once it reports the mount ready.
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "vdiskfs", "mount", "--foreground", "--ready-fd", str(w),
@@ -50,6 +50,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cmd += ["--clone-speed", str(args.clone_speed)]
     if args.unsafe_no_data_sync:
         cmd.append("--unsafe-no-data-sync")
+    if args.allow_other:
+        cmd.append("--allow-other")
     if args.debug:
         cmd.append("--debug")
     child = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
@@ -67,7 +69,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
-           ready_fd: int | None, clone_speed: int, sync_data: bool) -> int:
+           ready_fd: int | None, clone_speed: int, sync_data: bool,
+           allow_other: bool) -> int:
     # Imported here: pyfuse3 and trio are needed by the daemon only.
     from .cow.pool import open_pool
     from .fs.daemon import Daemon, setup_logging
@@ -84,7 +87,7 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
         report(str(e))
         raise UserError(str(e)) from None
     setup_logging(pool_dir if ready_fd is not None else None, debug)
-    daemon = Daemon(pool, mnt, clone_speed)
+    daemon = Daemon(pool, mnt, clone_speed, allow_other)
     try:
         daemon.mount()
     except Exception as e:
@@ -202,11 +205,12 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from .cow.fsck import fsck
+    from .cow.fsck import fsck, repair
+    logging.getLogger("vdiskfs").setLevel(logging.ERROR)   # the report says it all
     if not os.path.exists(os.path.join(args.pool, layout.HEADER)):
         raise UserError(f"{args.pool} is not a vdiskfs pool")
     try:
-        report = fsck(args.pool)
+        report = (repair if args.repair else fsck)(args.pool)
     except PoolBusy as e:
         raise UserError(f"{e}: unmount it first") from None
     for note in report.notes:
@@ -215,9 +219,15 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         print(f"error: {err}")
     stats = " ".join(f"{k}={v}" for k, v in report.stats.items())
     if report.clean:
-        print(f"{args.pool}: clean ({stats})")
+        print(f"{args.pool}: {'repaired' if args.repair else 'clean'} ({stats})")
         return 0
-    print(f"{args.pool}: {len(report.errors)} problem(s) found", file=sys.stderr)
+    if args.repair:
+        print(f"{args.pool}: repaired; {len(report.errors)} thing(s) could not be saved "
+              "(see above)", file=sys.stderr)
+        return 0 if not any(e.startswith(("cannot repair", "still wrong"))
+                            for e in report.errors) else 1
+    print(f"{args.pool}: {len(report.errors)} problem(s) found; "
+          f"'vdiskfs fsck --repair {args.pool}' rebuilds what it can", file=sys.stderr)
     return 1
 
 
@@ -239,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clone-speed", type=parse_size, default=0, metavar="BYTES",
                    help="limit each clone job to this much source data per second, "
                         "e.g. 64M (default: unlimited)")
+    m.add_argument("--allow-other", action="store_true",
+                   help="let other users reach the mount (file modes still apply; "
+                        "see docs/RELIABILITY.md)")
     m.add_argument("--debug", action="store_true", help="log every request")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     # Breaks fsync on purpose (no fdatasync of chunk data): only for the test that proves
@@ -264,8 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_clone_args(cl)
     cl.set_defaults(func=cmd_clone)
 
-    f = sub.add_parser("fsck", help="check an unmounted pool")
+    f = sub.add_parser("fsck", help="check an unmounted pool (and repair it)")
     f.add_argument("pool")
+    f.add_argument("--repair", action="store_true",
+                   help="salvage the journal up to any damage, rebuild refcounts from the "
+                        "maps, free leaked slots; reports what could not be saved")
     f.set_defaults(func=cmd_fsck)
     return p
 

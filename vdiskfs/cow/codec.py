@@ -3,12 +3,13 @@
 Every metadata file of a pool is built from *frames*:
 
     frame   = header payload
-    header  = struct '<II': payload length, CRC32 of the payload
+    header  = struct '<4sII': magic b"VDF1", payload length, CRC32 of the payload
     payload = msgpack, always packed and unpacked here with fixed options
 
-A frame whose header is short, whose payload is short, or whose CRC does not match is
-*torn*: the journal ends there (a crash cut the last append), a checkpoint or pool header
-with a torn frame is corrupt.
+A frame whose header is short or wrong, whose payload is short, or whose CRC does not match
+is *bad*. At the end of the journal that is a torn append (see journal.py for how a torn
+tail is told from corruption: the magic lets a reader find the frames after a bad one); a
+checkpoint or pool header with a bad frame is corrupt.
 
 Records are msgpack maps carrying their kind and format version, so a future format can
 migrate them or refuse them by name instead of misreading them. Large integer arrays travel
@@ -29,7 +30,8 @@ import msgpack
 #: a migration) whenever a record's meaning changes.
 FORMAT_VERSION = 1
 
-FRAME_HEADER = struct.Struct("<II")
+FRAME_MAGIC = b"VDF1"
+FRAME_HEADER = struct.Struct("<4sII")
 MAX_FRAME = 1 << 31
 
 
@@ -46,7 +48,7 @@ def unpackb(data: bytes) -> Any:
 
 
 def frame(payload: bytes) -> bytes:
-    return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    return FRAME_HEADER.pack(FRAME_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
 def frame_record(obj: Any) -> bytes:
@@ -58,19 +60,43 @@ def iter_frames(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[bytes
 
     The caller compares the last end offset with len(buf) to learn whether a tail was torn.
     """
-    mv = memoryview(buf)
     pos = start
+    while True:
+        got = frame_at(buf, pos)
+        if got is None:
+            return
+        payload, pos = got
+        yield payload, pos
+
+
+def frame_at(buf: bytes | memoryview, pos: int) -> tuple[bytes, int] | None:
+    """(payload, end) of an intact frame starting at ``pos``, else None."""
     hs = FRAME_HEADER.size
-    while pos + hs <= len(mv):
-        length, crc = FRAME_HEADER.unpack_from(mv, pos)
-        end = pos + hs + length
-        if length > MAX_FRAME or end > len(mv):
+    if pos + hs > len(buf):
+        return None
+    magic, length, crc = FRAME_HEADER.unpack_from(buf, pos)
+    end = pos + hs + length
+    if magic != FRAME_MAGIC or length > MAX_FRAME or end > len(buf):
+        return None
+    payload = bytes(memoryview(buf)[pos + hs:end])
+    if zlib.crc32(payload) != crc:
+        return None
+    return payload, end
+
+
+def frames_after(buf: bytes, pos: int) -> Iterator[tuple[bytes, int, int]]:
+    """(payload, start, end) of every intact frame found at or after ``pos`` (a scan past
+    damage: candidates are found by their magic)."""
+    while True:
+        pos = buf.find(FRAME_MAGIC, pos)
+        if pos < 0:
             return
-        payload = bytes(mv[pos + hs:end])
-        if zlib.crc32(payload) != crc:
-            return
-        yield payload, end
-        pos = end
+        got = frame_at(buf, pos)
+        if got is None:
+            pos += 1
+            continue
+        yield got[0], pos, got[1]
+        pos = got[1]
 
 
 def read_single_record(data: bytes, what: str) -> dict:

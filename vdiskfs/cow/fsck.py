@@ -151,3 +151,137 @@ def fsck(path: str) -> Report:
         pool.close(commit=False)
     return r
 
+
+
+# ---------------------------------------------------------------- repair
+def repair(path: str) -> Report:
+    """``vdiskfs fsck --repair``: salvage the journal up to any damage, then rebuild what
+    can be derived (refcounts, free space) from the maps, which are the data. Writes a new
+    checkpoint; ``Report.notes`` says what was done, ``Report.errors`` what was lost."""
+    r = Report()
+    try:
+        pool = Pool(path, salvage=True)
+    except FormatError as e:
+        r.errors.append(f"cannot repair: {e}")
+        return r
+    try:
+        m = pool.meta
+        if pool.salvage_error or pool.journal.torn_bytes:
+            what = pool.salvage_error or (
+                f"damaged record at byte {pool.journal.damage_at}"
+                if pool.journal.damage_at >= 0 else "a torn record")
+            r.errors.append(f"journal: {what}; dropped {pool.journal.torn_bytes} bytes of "
+                            f"records after byte {pool.journal.end} (changes in them are lost)")
+            pool.journal.cut_torn_tail()
+        _repair_vdisks(m, r)
+        _repair_jobs(m, r)
+        _unmap_lost_slots(m, os.fstat(pool.store.fd).st_size, r)
+        _repair_pages(m, r)
+        leaked = _repair_slots(m, r)
+        pool.checkpoint()
+        pool.store.release(leaked)
+    finally:
+        pool.close(commit=False)
+    after = fsck(path)
+    if not after.clean:
+        r.errors += [f"still wrong after repair: {e}" for e in after.errors]
+    r.stats = after.stats
+    return r
+
+
+def _repair_vdisks(m: Metadata, r: Report) -> None:
+    from . import names
+    m.names.clear()
+    for vd in sorted(m.vdisks.values(), key=lambda v: v.vid):
+        if vd.name is not None and (not names.valid(vd.name) or vd.name in m.names):
+            new = f"recovered-{vd.vid}"
+            r.notes.append(f"VDisk {vd.vid}: name {vd.name!r} is invalid or taken; "
+                           f"renamed {new}")
+            vd.name = new
+        if vd.name is not None:
+            m.names[vd.name] = vd.vid
+        want = m.pages_for(vd.size)
+        if len(vd.ptab) != want:
+            r.notes.append(f"VDisk {vd.name}: page table resized from {len(vd.ptab)} to "
+                           f"{want} entries to fit its size")
+            del vd.ptab[want:]
+            vd.ptab.extend([0] * (want - len(vd.ptab)))
+        m.next_vid = max(m.next_vid, vd.vid + 1)
+
+
+def _repair_jobs(m: Metadata, r: Report) -> None:
+    """A half-made clone must never become openable: unfinished ones without a sound job
+    are removed (their pages go back when refcounts are rebuilt)."""
+    for job in m.jobs.values():
+        if job.get("state") != "running":
+            continue
+        dst = m.vdisks.get(job["dst"])
+        if job["src"] not in m.vdisks or dst is None or \
+                dst.props.get("clone_job") != job["id"]:
+            job["state"], job["error"] = "Error", "repaired by fsck"
+            r.notes.append(f"clone {job['src_name']} -> {job['dst_name']}: marked Error")
+    for vd in list(m.vdisks.values()):
+        jid = vd.props.get("clone_job")
+        if jid is not None and m.jobs.get(jid, {}).get("state") != "running":
+            r.notes.append(f"VDisk {vd.name}: an unfinished clone without a running job; "
+                           "removed")
+            if vd.name is not None:
+                m.names.pop(vd.name, None)
+            del m.vdisks[vd.vid]
+
+
+def _unmap_lost_slots(m: Metadata, data_size: int, r: Report) -> None:
+    """Entries naming slots past the end of the data file lost their data (a truncated
+    data file): they become holes, reported, instead of pretending to hold zeros."""
+    lost = 0
+    for page in m.pages.values():
+        for i, s in enumerate(page):
+            if s and s * m.chunk_size >= data_size:
+                page[i] = 0
+                lost += 1
+    if lost:
+        r.errors.append(f"{lost} chunk(s) pointed past the end of the data file: their data "
+                        "is lost and they now read as zeros")
+
+
+def _repair_pages(m: Metadata, r: Report) -> None:
+    count = array("I", bytes(4 * (max(m.pages, default=0) + 1)))
+    for vd in m.vdisks.values():
+        for pidx, pid in enumerate(vd.ptab):
+            if not pid:
+                continue
+            if pid not in m.pages:
+                r.errors.append(f"VDisk {vd.name}: page {pidx} was lost; its range now reads "
+                                "as zeros")
+                vd.ptab[pidx] = 0
+                continue
+            count[pid] += 1
+    for pid in [p for p in m.pages if not count[p]]:
+        r.notes.append(f"page {pid} was not referenced; freed")
+        del m.pages[pid]
+    bad = sum(1 for p in m.pages if (m.page_ref[p] if p < len(m.page_ref) else 0) != count[p])
+    if bad:
+        r.notes.append(f"{bad} page refcount(s) rebuilt from the page tables")
+    m.page_ref = count
+    for vd in m.vdisks.values():
+        vd.nalloc = sum(m._nonzero(pid) for pid in vd.ptab if pid)
+
+
+def _repair_slots(m: Metadata, r: Report) -> list[int]:
+    count = array("I", bytes(4 * max(len(m.slot_ref), 1)))
+    for page in m.pages.values():
+        for s in page:
+            if s:
+                if s >= len(count):
+                    count.extend(array("I", bytes(4 * (s + 1 - len(count)))))
+                count[s] += 1
+    old = m.slot_ref
+    leaked = [s for s in range(1, len(old)) if old[s] and not (s < len(count) and count[s])]
+    bad = sum(1 for s in range(1, len(count))
+              if count[s] != (old[s] if s < len(old) else 0))
+    if leaked:
+        r.notes.append(f"{len(leaked)} leaked slot(s) freed")
+    if bad:
+        r.notes.append(f"{bad} slot refcount(s) rebuilt from the maps")
+    m.slot_ref = count
+    return leaked

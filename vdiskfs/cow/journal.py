@@ -1,9 +1,17 @@
 """The metadata journal: framed transaction records appended after the checkpoint.
 
 Transactions are framed into an in-memory buffer as they happen and reach the file only in
-a commit, after the chunk data they point at has been synced (invariant 1). A commit that
-fails is undone in the file (truncated back) and its records are kept for the next try, so
-a failed fsync never leaves a torn frame in front of later ones.
+a commit, after the chunk data they point at has been synced (invariant 1). A commit
+appends one *batch*: its transaction frames, then a commit frame {kind: "commit", txns: n},
+in one write followed by fdatasync. Replay applies a batch only when its commit frame is
+there, so a batch cut by a crash (never acknowledged) is dropped whole.
+
+Damage: replay stops at the first bad frame. If the file holds no commit frame after it,
+or only the one closing the damaged batch, the damage is a torn final append and the
+journal is cut back to the last complete batch. If a later batch follows, an acknowledged
+batch was damaged: the pool is refused (``vdiskfs fsck --repair`` can cut it there).
+A commit that fails is undone in the file (truncated back) and its records are kept for
+the next try, so a failed fsync never leaves a torn frame in front of later ones.
 """
 
 from __future__ import annotations
@@ -23,6 +31,10 @@ def txn_frame(ops: list) -> bytes:
     return codec.frame_record({"kind": "txn", "v": codec.FORMAT_VERSION, "ops": ops})
 
 
+def commit_frame(ntxns: int) -> bytes:
+    return codec.frame_record({"kind": "commit", "v": codec.FORMAT_VERSION, "txns": ntxns})
+
+
 def create(pool_dir: str, gen: int) -> None:
     layout.write_file_atomic(pool_dir, layout.JOURNAL, header_frame(gen))
 
@@ -34,15 +46,19 @@ class Journal:
         self.readonly = readonly
         self.fd = -1
         self.gen = -1
-        self.end = 0            # bytes of intact frames in the file
+        self.end = 0            # end of the last complete batch in the file
         self.buffer = bytearray()  # framed transactions not yet in the file
+        self.ntxns = 0          # how many transactions the buffer holds
         self.torn_bytes = 0     # length of a torn tail found at open
+        self.damage_at = -1     # offset of the first bad frame, if any
 
-    def open_and_read(self, expect_gen: int) -> Iterator[list]:
-        """Yield the ops of each intact transaction of generation ``expect_gen``.
+    def open_and_read(self, expect_gen: int, *, salvage: bool = False) -> Iterator[list]:
+        """Yield each complete batch (a list of transactions, each a list of ops) of
+        generation ``expect_gen``; ``self.end`` moves past a batch once the consumer asks
+        for the next one, so it always marks what was fully consumed.
 
-        Afterwards ``self.gen`` is the file's generation (a stale journal is not replayed)
-        and ``self.end`` where the next frame goes."""
+        Afterwards ``self.gen`` is the file's generation (a stale journal is not replayed).
+        With ``salvage`` (fsck --repair), damage ends the replay instead of raising."""
         flags = os.O_RDONLY if self.readonly else os.O_RDWR
         self.fd = os.open(self.path, flags)
         data = b""
@@ -64,21 +80,58 @@ class Journal:
         self.gen = head.get("gen")
         if self.gen != expect_gen:
             return
-        for n, (payload, end) in enumerate(frames):
+        pending: list[list] = []
+        pos = self.end
+        while (got := codec.frame_at(data, pos)) is not None:
+            payload, end = got
             try:
-                rec = codec.unpackb(payload)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a map")
-            except Exception as e:
-                raise FormatError(f"{self.path}: transaction {n} is undecodable ({e}) "
-                                  "although its checksum matches") from None
-            codec.check_version(rec, "txn", self.path)
-            ops = rec.get("ops")
-            if not isinstance(ops, list) or not all(isinstance(op, list) for op in ops):
-                raise FormatError(f"{self.path}: transaction {n} has no list of operations")
-            yield ops
-            self.end = end
+                rec = self._decode(payload, pos)
+            except FormatError:
+                if not salvage:
+                    raise
+                break
+            if rec["kind"] == "txn":
+                ops = rec.get("ops")
+                if not isinstance(ops, list) or not all(isinstance(op, list) for op in ops):
+                    if salvage:
+                        break
+                    raise FormatError(f"{self.path}: record at byte {pos} has no list of "
+                                      "operations")
+                pending.append(ops)
+            else:
+                if rec.get("txns") != len(pending):
+                    if salvage:
+                        break
+                    raise FormatError(f"{self.path}: commit at byte {pos} closes "
+                                      f"{rec.get('txns')} transactions, found {len(pending)}")
+                yield pending
+                pending = []
+                self.end = end
+            pos = end
+        if pos < size:
+            self.damage_at = pos
+            later = [start for payload, start, _ in codec.frames_after(data, pos + 1)
+                     if _is_commit(payload)]
+            if len(later) > 1 and not salvage:
+                raise FormatError(
+                    f"{self.path}: damaged record at byte {pos} is followed by committed "
+                    f"records (byte {later[-1]}): the journal is corrupt; 'vdiskfs fsck "
+                    f"--repair' cuts it at byte {self.end}, losing the records after it")
         self.torn_bytes = size - self.end
+
+    def _decode(self, payload: bytes, pos: int) -> dict:
+        try:
+            rec = codec.unpackb(payload)
+        except Exception as e:
+            raise FormatError(f"{self.path}: record at byte {pos} is undecodable ({e}) "
+                              "although its checksum matches") from None
+        if not isinstance(rec, dict):
+            raise FormatError(f"{self.path}: record at byte {pos} is not a map")
+        if rec.get("kind") not in ("txn", "commit"):
+            raise FormatError(f"{self.path}: unexpected {rec.get('kind')!r} record at "
+                              f"byte {pos}")
+        codec.check_version(rec, rec["kind"], self.path)
+        return rec
 
     def cut_torn_tail(self) -> None:
         if self.torn_bytes and not self.readonly:
@@ -87,14 +140,22 @@ class Journal:
 
     def add(self, ops: list) -> None:
         self.buffer += txn_frame(ops)
+        self.ntxns += 1
 
-    def take(self) -> bytes:
-        data = bytes(self.buffer)
+    def take(self) -> tuple[bytes, int]:
+        """The buffered transactions as one batch ready to append (with its commit frame),
+        and how many transactions it holds."""
+        n = self.ntxns
+        data = bytes(self.buffer) + commit_frame(n) if n else b""
         self.buffer = bytearray()
-        return data
+        self.ntxns = 0
+        return data, n
 
-    def put_back(self, data: bytes) -> None:
-        self.buffer[:0] = data
+    def put_back(self, data: bytes, n: int) -> None:
+        """Undo ``take`` after a failed commit: the transactions go back in front."""
+        if n:
+            self.buffer[:0] = data[:len(data) - len(commit_frame(n))]
+            self.ntxns += n
 
     def write_at(self, offset: int, data: bytes) -> None:
         """Blocking: append ``data`` at ``offset`` and make it durable."""
@@ -130,3 +191,11 @@ class Journal:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _is_commit(payload: bytes) -> bool:
+    try:
+        rec = codec.unpackb(payload)
+    except Exception:
+        return False
+    return isinstance(rec, dict) and rec.get("kind") == "commit"

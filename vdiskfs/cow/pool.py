@@ -39,7 +39,7 @@ class Commit:
 
     def __init__(self, pool: "Pool"):
         self.pool = pool
-        self.data = pool.journal.take()
+        self.data, self.ntxns = pool.journal.take()
         self.offset = pool.journal.end
         m = pool.meta
         self.freed_slots, m.freed_slots = m.freed_slots, []
@@ -66,7 +66,7 @@ class Commit:
     def abort(self) -> None:
         """The run failed: keep everything for the next try."""
         p, m = self.pool, self.pool.meta
-        p.journal.put_back(self.data)
+        p.journal.put_back(self.data, self.ntxns)
         m.freed_slots[:0] = self.freed_slots
         m.freed_pids[:0] = self.freed_pids
         m.unstable_slots |= self.unstable[0]
@@ -116,10 +116,14 @@ class _Transaction:
 
 
 class Pool:
-    def __init__(self, path: str, *, readonly: bool = False, sync_data: bool = True):
-        """Open an existing pool (see ``open``/``create``); takes the pool lock."""
+    def __init__(self, path: str, *, readonly: bool = False, sync_data: bool = True,
+                 salvage: bool = False):
+        """Open an existing pool (see ``open_pool``/``create_pool``); takes the pool lock.
+        ``salvage`` (fsck --repair only) replays the journal up to damage instead of
+        refusing the pool."""
         self.path = os.path.abspath(path)
         self.readonly = readonly
+        self.salvage = salvage
         self.sync_data = sync_data  # False only for the test that proves the fsync test fails
         self._lock_fd = -1
         self.store: ChunkStore | None = None
@@ -162,10 +166,19 @@ class Pool:
             raise FormatError(f"{ck_path}: geometry differs from the pool header")
         gen = rec["gen"]
         self.replayed = 0
-        for ops in self.journal.open_and_read(gen):
-            for op in ops:
-                m.apply(op)
-            self.replayed += 1
+        self.salvage_error: str | None = None
+        try:
+            for batch in self.journal.open_and_read(gen, salvage=self.salvage):
+                for ops in batch:
+                    for op in ops:
+                        m.apply(op)
+                    self.replayed += 1
+        except FormatError as e:
+            if not self.salvage:
+                raise
+            # fsck --repair: keep what replayed; the rest of the journal is cut below.
+            self.salvage_error = str(e)
+            self.journal.torn_bytes = os.fstat(self.journal.fd).st_size - self.journal.end
         self.store = ChunkStore(os.path.join(self.path, layout.DATA), self.chunk_size,
                                 readonly=self.readonly)
         self._rebuild_free_lists()

@@ -19,10 +19,13 @@ FSTYPE = "vdiskfs"          # /proc/mounts shows "POOL MNT fuse.vdiskfs ..."
 READ_AHEAD_KB = 1024        # the kernel's default 128 KiB halves sequential reads
 
 
-def mount_options(pool: Pool) -> set[str]:
+def mount_options(pool: Pool, allow_other: bool = False) -> set[str]:
+    # default_permissions: the kernel checks modes (.ctl/clone is 0200, owner only).
+    # Without allow_other nobody but the mounting user can reach the mount at all.
     opts = set(pyfuse3.default_options)
-    opts -= {"default_permissions"}
     opts |= {f"fsname={pool.path}", f"subtype={FSTYPE}", "default_permissions"}
+    if allow_other:
+        opts.add("allow_other")
     return opts
 
 
@@ -45,14 +48,16 @@ def _set_read_ahead(mountpoint: str) -> None:
 
 
 class Daemon:
-    def __init__(self, pool: Pool, mountpoint: str, clone_speed: int = 0):
+    def __init__(self, pool: Pool, mountpoint: str, clone_speed: int = 0,
+                 allow_other: bool = False):
         self.pool = pool
+        self.allow_other = allow_other
         self.mountpoint = os.path.realpath(mountpoint)
         self.ops = Operations(pool, clone_speed)
         self.signalled = False
 
     def mount(self) -> None:
-        pyfuse3.init(self.ops, self.mountpoint, mount_options(self.pool))
+        pyfuse3.init(self.ops, self.mountpoint, mount_options(self.pool, self.allow_other))
         _set_read_ahead(self.mountpoint)
 
     async def _main(self) -> None:
