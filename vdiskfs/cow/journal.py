@@ -20,7 +20,12 @@ import os
 from typing import Iterator
 
 from . import codec, layout
+from .chunkstore import FALLOC_FL_KEEP_SIZE, fallocate
 from .codec import FormatError
+
+# Space kept allocated past the journal's end, so that on a full backing filesystem a
+# commit (e.g. the delete that would free space) can still be written.
+RESERVE = 1 << 20
 
 
 def header_frame(gen: int) -> bytes:
@@ -134,6 +139,7 @@ class Journal:
         return rec
 
     def cut_torn_tail(self) -> None:
+        """Drop the bytes after the last complete batch (a crash's torn append)."""
         if self.torn_bytes and not self.readonly:
             os.ftruncate(self.fd, self.end)
             os.fsync(self.fd)
@@ -173,6 +179,13 @@ class Journal:
             except OSError:
                 pass
             raise
+        self.reserve(offset + len(data))
+
+    def reserve(self, end: int) -> None:
+        try:
+            fallocate(self.fd, FALLOC_FL_KEEP_SIZE, end, RESERVE)
+        except OSError:
+            pass   # full or unsupported: the reservation left from before still helps
 
     def replace(self, gen: int) -> None:
         """Blocking: start a new, empty journal of generation ``gen`` (after a checkpoint)."""
@@ -183,6 +196,7 @@ class Journal:
         self.fd = fd
         self.gen = gen
         self.end = os.fstat(fd).st_size
+        self.reserve(self.end)
 
     def size(self) -> int:
         return self.end + len(self.buffer)

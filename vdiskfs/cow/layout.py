@@ -92,6 +92,9 @@ def write_file_atomic(pool_dir: str, name: str, data: bytes) -> None:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
+    except BaseException:
+        os.unlink(tmp)   # a full disk must not keep a half-written copy around
+        raise
     finally:
         os.close(fd)
     os.rename(tmp, os.path.join(pool_dir, name))

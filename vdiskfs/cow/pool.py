@@ -196,6 +196,7 @@ class Pool:
         elif self.journal.torn_bytes:
             log.warning("journal: cut a torn tail of %d bytes", self.journal.torn_bytes)
             self.journal.cut_torn_tail()
+        self.journal.reserve(self.journal.end)
         # VDisks unlinked while open were waiting for their last close: nothing is open now.
         orphans = [vd for vd in m.vdisks.values() if vd.name is None]
         for vd in orphans:
@@ -449,11 +450,15 @@ class Pool:
             return                                      # zeros into a hole: nothing to do
         self._private_page(vd, pidx)
         new = self._alloc_slot()
-        if len(chunk) < cs and not store.fresh(new):
-            buf = bytearray(cs)                         # a reused slot may hold old bytes
-            buf[coff:coff + n] = piece
-            chunk, coff = buf, 0
-        store.write(new, coff, chunk)
+        try:
+            if not store.allocate(new) and len(chunk) < cs:
+                buf = bytearray(cs)                     # a reused slot may hold old bytes
+                buf[coff:coff + n] = piece
+                chunk, coff = buf, 0
+            store.write(new, coff, chunk)
+        except OSError:
+            self.free_slots.append(new)                 # ENOSPC, EIO: nothing points at it
+            raise
         self._op(["eset", vd.vid, cidx, new])
 
     def _zero_tail(self, vd: VDisk) -> None:

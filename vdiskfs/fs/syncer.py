@@ -27,7 +27,13 @@ class Syncer:
         async with self._lock:
             if self._done >= need:
                 return   # somebody else's commit began after we were called: it covers us
-            await self._commit(checkpoint=self.pool.wants_checkpoint())
+            if self.pool.wants_checkpoint():
+                try:
+                    await self._commit(checkpoint=True)
+                    return
+                except OSError as e:   # e.g. no room for a new checkpoint: journal instead
+                    log.warning("checkpoint failed (%s); committing to the journal", e)
+            await self._commit(checkpoint=False)
 
     async def checkpoint(self) -> None:
         async with self._lock:
