@@ -515,7 +515,7 @@ async def test_ctl_clone_runs_to_completion(ops):
             while True:
                 b = pool.lookup("B")
                 if b is not None and not pool.clones.unfinished(b) \
-                        and not ops.jobs.completing:
+                        and not ops.jobs.unsettled:
                     break
                 await trio.sleep(0.01)
         assert not pool.journal.buffer           # "Completed" is shown once durable

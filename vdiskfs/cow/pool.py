@@ -520,6 +520,10 @@ class Pool:
                 pass
         return total
 
+    def frees_pending(self) -> bool:
+        """Are slots waiting for a commit before they can be reused?"""
+        return bool(self.meta.freed_slots or self.meta.inflight)
+
     def is_dirty(self) -> bool:
         return bool(self.journal.buffer or self.meta.freed_slots)
 

@@ -4,19 +4,22 @@
     cancel SRC     | -s SRC -c         cancel the clones in progress from SRC
     purge          | -p                clear the rows of finished operations
 
-A VDisk literally named "cancel" or "purge" is cloned with the ``-s``/``-d`` spelling.
-Anything else (more than one line, NULs, non-ASCII, unknown flags) is EINVAL.
+Words are separated by spaces or tabs. A VDisk literally named "cancel" or "purge" is
+cloned with the ``-s``/``-d`` spelling. Anything else (more than one line, other control
+characters, non-ASCII, unknown flags) is EINVAL.
 """
 
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass
 
 from ..cow import names
 from ..cow.errors import VDiskError
 
 MAX_COMMAND = 4096
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")   # any control character but tab
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,12 @@ def parse(data: bytes) -> Command:
         raise _bad("command is not ASCII") from None
     if text.endswith("\n"):
         text = text[:-1]
-    if "\n" in text or "\0" in text or "\r" in text:
+    if "\n" in text:
         raise _bad("one command per write")
-    words = text.split()
+    if _CONTROL.search(text):
+        raise _bad("control character in command")
+    words = text.replace("\t", " ").split(" ")
+    words = [w for w in words if w]
     if not words:
         raise _bad("empty command")
     if words[0].startswith("-"):

@@ -32,7 +32,9 @@ class JobRunner:
         self.sync = sync
         self.speed = speed
         self.nursery: trio.Nursery | None = None
-        self.completing: set[int] = set()   # Completed in memory, not yet durable
+        # Jobs whose end (Completed, Cancelled) is not durable yet -> what the status row
+        # shows meanwhile, so that no reader sees an end a crash could still undo.
+        self.unsettled: dict[int, str] = {}
         # Awaited with a VDisk name that vanished (cancel, error) so the kernel forgets it.
         self.on_removed: Callable[[str, int], Awaitable[None]] = _nothing
 
@@ -52,8 +54,15 @@ class JobRunner:
             clones.purge()
             await self.sync()
         elif cmd.action == "cancel":
+            shown = {j["id"]: f"{clones.percent(j)}%" for j in clones.running()}
             jobs = clones.cancel_from(cmd.src)
-            await self.sync()
+            for job in jobs:
+                self.unsettled[job["id"]] = shown[job["id"]]
+            try:
+                await self.sync()
+            finally:
+                for job in jobs:
+                    self.unsettled.pop(job["id"], None)
             for job in jobs:
                 await self.on_removed(job["dst_name"], job["dst"])
         else:
@@ -76,11 +85,11 @@ class JobRunner:
                     break
                 await trio.sleep(shared / self.speed if self.speed else 0)
             if job["state"] == "Completed":
-                self.completing.add(job["id"])
+                self.unsettled[job["id"]] = "99%"
                 try:
                     await self.sync()
                 finally:
-                    self.completing.discard(job["id"])
+                    self.unsettled.pop(job["id"], None)
                 log.info("clone %s -> %s completed", job["src_name"], job["dst_name"])
         except trio.Cancelled:
             raise   # unmount: the job stays "running" in the metadata and resumes
@@ -92,11 +101,11 @@ class JobRunner:
 
     def settling(self, vid: int) -> bool:
         """Is ``vid`` the destination of a clone whose completion is not durable yet?"""
-        return any(self.pool.meta.jobs[jid]["dst"] == vid for jid in self.completing
+        return any(self.pool.meta.jobs[jid]["dst"] == vid for jid in self.unsettled
                    if jid in self.pool.meta.jobs)
 
     def render(self, extended: bool = False) -> bytes:
-        return status.render(self.pool, self.completing, extended)
+        return status.render(self.pool, self.unsettled, extended)
 
 
 async def _nothing(name: str, vid: int) -> None:

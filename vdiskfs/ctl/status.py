@@ -8,10 +8,12 @@ from ..cow.clones import RUNNING
 from ..cow.pool import Pool
 
 
-def progress(pool: Pool, job: dict, completing: set[int]) -> str:
-    if job["state"] != RUNNING and job["id"] not in completing:
+def progress(pool: Pool, job: dict, unsettled: dict[int, str]) -> str:
+    if job["id"] in unsettled:
+        return unsettled[job["id"]]   # its end is not durable yet
+    if job["state"] != RUNNING:
         return job["state"]
-    return f"{pool.clones.percent(job) if job['state'] == RUNNING else 99}%"
+    return f"{pool.clones.percent(job)}%"
 
 
 def shared_bytes(pool: Pool, job: dict) -> int:
@@ -26,11 +28,11 @@ def elapsed(job: dict) -> float:
     return (end - job["started_ns"]) / 1e9
 
 
-def render(pool: Pool, completing: set[int], extended: bool = False) -> bytes:
+def render(pool: Pool, unsettled: dict[int, str], extended: bool = False) -> bytes:
     rows = [("Source", "Destination", "Progress")
             + (("Elapsed", "Shared") if extended else ())]
     for job in pool.clones.jobs():
-        row = (job["src_name"], job["dst_name"], progress(pool, job, completing))
+        row = (job["src_name"], job["dst_name"], progress(pool, job, unsettled))
         if extended:
             row += (f"{elapsed(job):.1f}s", str(shared_bytes(pool, job)))
         rows.append(row)

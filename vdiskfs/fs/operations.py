@@ -382,7 +382,15 @@ class Operations(pyfuse3.Operations):
         if h.vd is None:
             await self.jobs.execute(commands.parse(bytes(buf)), self._flush_vdisk)
             return len(buf)
-        return self.pool.write(h.vd, off, buf)
+        try:
+            return self.pool.write(h.vd, off, buf)
+        except OSError as e:
+            # Space freed by a delete comes back only once that delete is durable: make it
+            # so and try once more before telling the writer the disk is full.
+            if e.errno != errno.ENOSPC or not self.pool.frees_pending():
+                raise
+            await self.syncer.sync()
+            return self.pool.write(h.vd, off, buf)
 
     @handler
     async def flush(self, fh):

@@ -46,10 +46,10 @@ def set(pool: Pool, vd: VDisk, name: bytes, value: bytes) -> None:  # noqa: A001
         raise FUSEError(errno.ENOTSUP if not name.startswith(PREFIX) else errno.EINVAL)
     if key not in WRITABLE:
         raise FUSEError(errno.EPERM)
-    try:
-        number = int(value.strip(b"\0 \n").decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise FUSEError(errno.EINVAL) from None
+    digits = value.rstrip(b"\0\n")          # `setfattr -v 4096` and echo-style values
+    if not digits.isdigit() or not digits.isascii():
+        raise FUSEError(errno.EINVAL)
+    number = int(digits)
     pool.set_prop(vd, key.decode(), number)
 
 
