@@ -8,3 +8,8 @@ test:
 	bash scripts/setup.sh test
 test-fast:   # engine and in-process tests only (no FUSE mounts)
 	bash scripts/setup.sh test -m "not mount and not loop"
+.PHONY: bench bench-quick
+bench:       # benchmark suite (~10 min, root): table on stdout, JSON in bench/results/
+	bash scripts/setup.sh bench
+bench-quick: # reduced set (~2 min)
+	bash scripts/setup.sh bench --quick

@@ -2,6 +2,8 @@
 # One-step setup for a fresh Debian machine (run as root), then the main job or the tests.
 #   bash scripts/setup.sh mount   install what is missing, mount ./pool at ./mnt
 #   bash scripts/setup.sh test    install what is missing, run the whole test suite
+#   bash scripts/setup.sh bench [--quick] [run.py args]   also bindfs, fio, xfsprogs,
+#                                 qemu-utils; run the benchmark suite (bench/run.py)
 #   bash scripts/setup.sh deps    only install
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,12 @@ command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
 command -v getfattr >/dev/null || need_apt+=(attr)
 command -v losetup >/dev/null || need_apt+=(mount)
 command -v gcc >/dev/null || need_apt+=(gcc)
+if [ "${1:-}" = bench ]; then   # the baselines the benchmark compares against
+  command -v bindfs >/dev/null || need_apt+=(bindfs)
+  command -v fio >/dev/null || need_apt+=(fio)
+  command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)
+  command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
+fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
   2>/dev/null || need_apt+=(python3-dev)
@@ -57,5 +65,9 @@ MSG
     shift || true
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
     ;;
-  *) echo "usage: $0 [mount|test|deps]" >&2; exit 2 ;;
+  bench)
+    shift || true
+    exec "$VENV/bin/python" bench/run.py "$@"
+    ;;
+  *) echo "usage: $0 [mount|test|bench|deps]" >&2; exit 2 ;;
 esac

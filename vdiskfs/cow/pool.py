@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import logging
 import os
 import secrets
@@ -59,7 +60,8 @@ class Commit:
     def finish(self) -> None:
         p = self.pool
         p.journal.end = self.offset + len(self.data)
-        p.free_slots.extend(self.freed_slots)
+        for slot in self.freed_slots:
+            heapq.heappush(p.free_slots, slot)
         p.free_pids.extend(self.freed_pids)
         p.meta.inflight.remove(self.unstable)
 
@@ -206,7 +208,9 @@ class Pool:
     def _rebuild_free_lists(self) -> None:
         m = self.meta
         self.next_slot = _used_len(m.slot_ref)
-        self.free_slots = [s for s in range(self.next_slot - 1, 0, -1) if not m.slot_ref[s]]
+        # A min-heap: the lowest free slot goes first, so data freed and rewritten in order
+        # lands in order in the data file (and reads back in long preadv runs).
+        self.free_slots = [s for s in range(1, self.next_slot) if not m.slot_ref[s]]
         self.next_pid = _used_len(m.page_ref)
         self.free_pids = [p for p in range(self.next_pid - 1, 0, -1) if not m.page_ref[p]]
 
@@ -218,7 +222,7 @@ class Pool:
 
     def _alloc_slot(self) -> int:
         if self.free_slots:
-            return self.free_slots.pop()
+            return heapq.heappop(self.free_slots)
         s = self.next_slot
         self.next_slot += 1
         return s
@@ -457,7 +461,7 @@ class Pool:
                 chunk, coff = buf, 0
             store.write(new, coff, chunk)
         except OSError:
-            self.free_slots.append(new)                 # ENOSPC, EIO: nothing points at it
+            heapq.heappush(self.free_slots, new)        # ENOSPC, EIO: nothing points at it
             raise
         self._op(["eset", vd.vid, cidx, new])
 

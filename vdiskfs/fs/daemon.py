@@ -58,10 +58,20 @@ class Daemon:
 
     def mount(self) -> None:
         pyfuse3.init(self.ops, self.mountpoint, mount_options(self.pool, self.allow_other))
+
+    async def _tune(self) -> None:
+        # The kernel sets the bdi's read-ahead during the INIT handshake: raise it after.
+        # A stat of our own root from a worker thread returns once the loop answered INIT.
+        try:
+            await trio.to_thread.run_sync(os.stat, self.mountpoint)
+        except OSError as e:   # unmounted at once: nothing to tune
+            log.info("mount gone before tuning: %s", e)
+            return
         _set_read_ahead(self.mountpoint)
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._tune)
             nursery.start_soon(self._signals)
             nursery.start_soon(self.ops.syncer.run_periodic)
             self.ops.jobs.attach(nursery)
