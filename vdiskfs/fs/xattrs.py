@@ -47,7 +47,7 @@ def set(pool: Pool, vd: VDisk, name: bytes, value: bytes) -> None:  # noqa: A001
     if key not in WRITABLE:
         raise FUSEError(errno.EPERM)
     digits = value.rstrip(b"\0\n")          # `setfattr -v 4096` and echo-style values
-    if not digits.isdigit() or not digits.isascii():
+    if not digits.isdigit() or not digits.isascii() or len(digits) > 12:
         raise FUSEError(errno.EINVAL)
     number = int(digits)
     pool.set_prop(vd, key.decode(), number)
