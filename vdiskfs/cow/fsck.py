@@ -73,10 +73,9 @@ def check_page_refs(m: Metadata, r: Report) -> None:
     r.stats["pages"] = len(m.pages)
 
 
-def check_slot_refs(m: Metadata, data_size: int, r: Report) -> None:
-    """Invariant 3 for slots; a slot past the data file's end would have lost its data."""
+def count_slot_refs(m: Metadata) -> array:
+    """References to each slot, counted from the pages (what slot_ref should be)."""
     count = array("I", bytes(4 * max(len(m.slot_ref), 1)))
-    beyond = []
     for page in m.pages.values():
         for s in page:
             if not s:
@@ -84,6 +83,13 @@ def check_slot_refs(m: Metadata, data_size: int, r: Report) -> None:
             if s >= len(count):
                 count.extend(array("I", bytes(4 * (s + 1 - len(count)))))
             count[s] += 1
+    return count
+
+
+def check_slot_refs(m: Metadata, data_size: int, r: Report) -> None:
+    """Invariant 3 for slots; a slot past the data file's end would have lost its data."""
+    count = count_slot_refs(m)
+    beyond = []
     refs = m.slot_ref
     bad, leaked, double = [], [], []
     for s in range(1, len(count)):
@@ -268,13 +274,7 @@ def _repair_pages(m: Metadata, r: Report) -> None:
 
 
 def _repair_slots(m: Metadata, r: Report) -> list[int]:
-    count = array("I", bytes(4 * max(len(m.slot_ref), 1)))
-    for page in m.pages.values():
-        for s in page:
-            if s:
-                if s >= len(count):
-                    count.extend(array("I", bytes(4 * (s + 1 - len(count)))))
-                count[s] += 1
+    count = count_slot_refs(m)
     old = m.slot_ref
     leaked = [s for s in range(1, len(old)) if old[s] and not (s < len(count) and count[s])]
     bad = sum(1 for s in range(1, len(count))
