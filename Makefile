@@ -13,3 +13,6 @@ bench:       # benchmark suite (~10 min, root): table on stdout, JSON in bench/r
 	bash scripts/setup.sh bench
 bench-quick: # reduced set (~2 min)
 	bash scripts/setup.sh bench --quick
+.PHONY: soak
+soak:        # power-loss soak: random scenarios/seeds for VDISKFS_SOAK_SECONDS (default 600), root
+	VDISKFS_SOAK_SECONDS=$(or $(VDISKFS_SOAK_SECONDS),600) .venv/bin/python -m pytest -q -s tests/test_powerloss.py -k soak
