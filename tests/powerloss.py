@@ -280,7 +280,8 @@ class DiskModel:
                 else:
                     kind, what = self._classify(g, s, tag_names)
                     expect = (f"write #{self.dseq[s]}" if self.dseq[s] else
-                              "zeros" if not any(d) else "the data before this run")
+                              "zeros" if not any(d) else
+                              "the data of the last check (or of the clone point)")
                     later = f" or one of writes {self.pending[s]}" if s in self.pending else ""
                     rep.bad(kind, s, what, expect + later)
         if rep.ok:
