@@ -60,6 +60,34 @@ def vdiskfs(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess
     return run(VDISKFS + list(args), check=check, **kw)
 
 
+def write_file(path: str, data: bytes, offset: int = 0, *, fsync: bool = True) -> None:
+    """pwrite ``data`` at ``offset`` (creating the file 0600), fsync unless told not to."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, data, offset)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def journal_frames(pool: str) -> list[tuple[int, int]]:
+    """(start, end) of every intact frame of POOL/journal."""
+    from vdiskfs.cow import codec, layout
+    with open(os.path.join(pool, layout.JOURNAL), "rb") as f:
+        data = f.read()
+    out, start = [], 0
+    for _payload, end in codec.iter_frames(data):
+        out.append((start, end))
+        start = end
+    return out
+
+
 def is_mounted(path: str) -> bool:
     path = os.path.realpath(path)
     with open("/proc/mounts") as f:

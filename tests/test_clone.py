@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import Mount, fsck_clean, run
+from conftest import Mount, fsck_clean, read_file, run, write_file
 
 pytestmark = pytest.mark.mount
 
@@ -46,19 +46,8 @@ def pattern(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def put(path: str, data: bytes, offset: int = 0, *, fsync: bool = True) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.pwrite(fd, data, offset)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def get(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+put = write_file
+get = read_file
 
 
 def patched(base: bytes, offset: int, data: bytes) -> bytes:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import vdiskfs
+from conftest import journal_frames, vdiskfs
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.pool import Pool, create_pool
 
@@ -57,16 +57,6 @@ def flip(path: str, offset: int) -> None:
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x10]))
-
-
-def journal_frames(pool: str) -> list[tuple[int, int]]:
-    with open(os.path.join(pool, layout.JOURNAL), "rb") as f:
-        data = f.read()
-    out, start = [], 0
-    for _payload, end in codec.iter_frames(data):
-        out.append((start, end))
-        start = end
-    return out
 
 
 def read_a(pool: str) -> bytes:

@@ -14,6 +14,8 @@ import zlib
 
 import pytest
 
+from conftest import journal_frames
+
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.codec import FormatError
 from vdiskfs.cow.errors import PoolBusy, VDiskError
@@ -95,17 +97,6 @@ def rewrite_record(file_path: str, mutate) -> None:
     mutate(rec)
     with open(file_path, "wb") as f:
         f.write(codec.frame_record(rec))
-
-
-def journal_frames(path: str) -> list[tuple[int, int]]:
-    """(start, end) of every intact frame of POOL/journal."""
-    with open(os.path.join(path, layout.JOURNAL), "rb") as f:
-        data = f.read()
-    out, start = [], 0
-    for _payload, end in codec.iter_frames(data):
-        out.append((start, end))
-        start = end
-    return out
 
 
 # ---------------------------------------------------------------------------- basic I/O

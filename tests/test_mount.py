@@ -20,7 +20,8 @@ import time
 
 import pytest
 
-from conftest import VDISKFS, Mount, fsck_clean, is_mounted, run, vdiskfs
+from conftest import (VDISKFS, Mount, fsck_clean, is_mounted, read_file, run, vdiskfs,
+                      write_file)
 
 pytestmark = pytest.mark.mount
 
@@ -84,19 +85,6 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return lines[0]
 
 
-def write_file(path: str, data: bytes, *, offset: int = 0, fsync: bool = True) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        os.pwrite(fd, data, offset)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def sync_pool(mount: Mount) -> None:

@@ -43,8 +43,8 @@ from collections import Counter
 import pytest
 
 from conftest import is_mounted, vdiskfs
-from powerloss import (HEADER, SECTOR, DiskModel, Rig, Writer, fill, payload,
-                       random_extent, random_plan, read_all, sequential_plan,
+from powerloss import (SECTOR, DiskModel, Rig, Writer, fill, payload,
+                       random_extent, random_plan, sequential_plan,
                        write_back_range)
 
 pytestmark = [pytest.mark.mount, pytest.mark.loop]
