@@ -75,9 +75,12 @@ class ChunkStore:
                 n = os.pwrite(self.fd, view, pos)
                 pos += n
                 view = view[n:]
-        finally:
+        except OSError:
             # Even a failed write may have grown the file: bytes below EOF are not zeros.
-            self.eof = max(self.eof, pos, os.fstat(self.fd).st_size if view else 0)
+            self.eof = max(self.eof, os.fstat(self.fd).st_size)
+            raise
+        if pos > self.eof:
+            self.eof = pos
 
     def sync(self) -> None:
         os.fdatasync(self.fd)
