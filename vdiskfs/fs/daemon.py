@@ -11,6 +11,7 @@ import trio
 
 from ..cow import layout
 from ..cow.pool import Pool
+from . import killpriv
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,9 @@ def mount_options(pool: Pool, allow_other: bool = False) -> set[str]:
     # default_permissions: the kernel checks modes (.ctl/clone is 0200, owner only).
     # Without allow_other nobody but the mounting user can reach the mount at all.
     opts = set(pyfuse3.default_options)
-    opts |= {f"fsname={pool.path}", f"subtype={FSTYPE}", "default_permissions"}
+    # nosuid, nodev: a VDisk is data, never a program or a device node.
+    opts |= {f"fsname={pool.path}", f"subtype={FSTYPE}", "default_permissions", "nosuid",
+             "nodev"}
     if allow_other:
         opts.add("allow_other")
     return opts
@@ -58,6 +61,7 @@ class Daemon:
 
     def mount(self) -> None:
         pyfuse3.init(self.ops, self.mountpoint, mount_options(self.pool, self.allow_other))
+        killpriv.install()     # before the loop reads INIT
 
     async def _tune(self) -> None:
         # The kernel sets the bdi's read-ahead during the INIT handshake: raise it after.
@@ -68,6 +72,10 @@ class Daemon:
             log.info("mount gone before tuning: %s", e)
             return
         _set_read_ahead(self.mountpoint)
+        result = killpriv.outcome()
+        if result is not None:
+            log.log(logging.INFO if result == "negotiated" else logging.WARNING,
+                    "HANDLE_KILLPRIV_V2 (no GETXATTR before each write): %s", result)
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:

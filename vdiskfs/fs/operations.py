@@ -37,6 +37,7 @@ CTL_NAME = ".ctl"
 # The control files: name -> (inode, mode). Virtual: made when read, one command per write.
 CTL_FILES = {b"clone": (3, 0o200), b"status": (4, 0o444), b"jobs": (5, 0o444)}
 CTL_INODES = {ino: (name, mode) for name, (ino, mode) in CTL_FILES.items()}
+SETID = stat.S_ISUID | stat.S_ISGID   # never on a VDisk (see fs/killpriv.py)
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
 
@@ -118,7 +119,7 @@ class Operations(pyfuse3.Operations):
         p = vd.props
         a = pyfuse3.EntryAttributes()
         a.st_ino = vd.vid + VDISK_BASE
-        a.st_mode = stat.S_IFREG | p["mode"]
+        a.st_mode = stat.S_IFREG | (p["mode"] & ~SETID)
         a.st_nlink = 0 if vd.name is None else 1
         a.st_uid, a.st_gid = p["uid"], p["gid"]
         a.st_size = vd.size
@@ -225,6 +226,9 @@ class Operations(pyfuse3.Operations):
             self.pool.truncate(vd, attr.st_size)
         changes = {}
         if fields.update_mode:
+            if attr.st_mode & SETID:
+                # No setuid/setgid on data: also what HANDLE_KILLPRIV_V2 relies on.
+                raise FUSEError(errno.EPERM)
             changes["mode"] = stat.S_IMODE(attr.st_mode)
         if fields.update_uid:
             changes["uid"] = attr.st_uid
@@ -330,7 +334,7 @@ class Operations(pyfuse3.Operations):
         vname = self._name(parent, name)
         if name == CTL_NAME.encode():
             raise FUSEError(errno.EEXIST)
-        return self.pool.create(vname, 0, mode=stat.S_IMODE(mode), uid=ctx.uid, gid=ctx.gid)
+        return self.pool.create(vname, 0, mode=stat.S_IMODE(mode) & ~SETID, uid=ctx.uid, gid=ctx.gid)
 
     # ------------------------------------------------------------ files
     def _open_handle(self, vd: VDisk) -> pyfuse3.FileInfo:
@@ -430,6 +434,7 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if inode < VDISK_BASE:
             raise FUSEError(pyfuse3.ENOATTR)
+        log.debug("getxattr %d %r", inode, name)
         return xattrs.get(self.pool, self.vdisk(inode), name)
 
     @handler
