@@ -94,6 +94,7 @@ class Config:
     big_vdisk_size: int = 64 * GiB
     big_mapped: int = 4 * GiB
     writer_seconds: float = 5.0
+    chunk_size: int | None = None      # None: the pool default
     notes: list = field(default_factory=list)
 
     @classmethod
@@ -290,6 +291,7 @@ def timed_run(cmd: list[str]) -> float:
 
 
 WORKDIR = ""   # set by main(): only file systems under it are synced
+CHUNK_SIZE = 0  # set by main() from --chunk-size: pools the run creates use it
 
 
 def drop_caches() -> None:
@@ -479,7 +481,10 @@ class VdiskfsMount:
     def __enter__(self) -> "VdiskfsMount":
         os.makedirs(self.mnt, exist_ok=True)
         t = time.perf_counter()
-        run(VDISKFS + ["mount", *self.extra, self.pool, self.mnt], timeout=300)
+        extra = list(self.extra)
+        if CHUNK_SIZE and not os.path.exists(os.path.join(self.pool, "header")):
+            extra += ["--chunk-size", str(CHUNK_SIZE)]
+        run(VDISKFS + ["mount", *extra, self.pool, self.mnt], timeout=300)
         self.mount_s = time.perf_counter() - t
         with open(os.path.join(self.pool, "lock")) as f:
             self.pid = int(f.read().strip())
@@ -1001,7 +1006,7 @@ class Suite:
         for the build (64 GiB mapped would reserve 64 GiB of disk)."""
         from vdiskfs.cow.pool import Pool, create_pool
         t = time.perf_counter()
-        create_pool(path)
+        create_pool(path, **({"chunk_size": CHUNK_SIZE} if CHUNK_SIZE else {}))
         p = Pool(path)
         if hasattr(p.store, "can_allocate"):
             p.store.can_allocate = False
@@ -1414,6 +1419,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (3; quick: 1)")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    ap.add_argument("--chunk-size", default=None, metavar="SIZE",
+                    help="chunk size of the pools the run creates (e.g. 64K; default: "
+                         "vdiskfs's default)")
     ap.add_argument("--dir", default="/var/tmp", help="where the work directory goes")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<time>.json)")
     ap.add_argument("--compare", default=None, metavar="OLD.json",
@@ -1446,6 +1454,10 @@ def main() -> int:
             "(`make bench` installs them)")
 
     cfg = Config.make(args.quick, args.reps)
+    if args.chunk_size:
+        from vdiskfs.cli import parse_size
+        global CHUNK_SIZE
+        CHUNK_SIZE = cfg.chunk_size = parse_size(args.chunk_size)
     res = Results(cfg)
     os.makedirs(args.dir, exist_ok=True)
     if fs_type(args.dir) == "tmpfs":

@@ -221,8 +221,10 @@ def test_enospc_while_cloning_then_recover(small_pool):
     assert sorted(os.listdir(m.mnt)) == [".ctl", "FILL", "KEEP", "SRC", "SRCC"]
     assert os.getxattr(m.path("KEEP"), "user.vdisk.lba_size") == b"512"
     # A write that needs new space fails (at fsync with the writeback cache), again.
+    # 2 MiB: more than the failed request left free (the writer's last request reserved
+    # up to 1 MiB of slots in one fallocate; a smaller write may still fit).
     hole = 15 * MiB                                        # a hole in KEEP
-    err = write_and_sync(m.path("KEEP"), hole, os.urandom(256 * KiB))
+    err = write_and_sync(m.path("KEEP"), 14 * MiB, os.urandom(2 * MiB))
     assert err in NOSPACE, f"a write into a hole on a full disk gave {errno.errorcode.get(err)}"
     # The clone needs no data space: it completes while the disk is full.
     wait_for(lambda: clone_state(m, "SRC", "SRCC") in ("Completed", "Error", "Cancelled"),

@@ -29,6 +29,17 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _runs(slots: list[int]):
+    """(first, count) for each run of consecutive numbers in an ascending list."""
+    i = 0
+    while i < len(slots):
+        j = i + 1
+        while j < len(slots) and slots[j] == slots[j - 1] + 1:
+            j += 1
+        yield slots[i], j - i
+        i = j
+
+
 class ChunkStore:
     def __init__(self, path: str, chunk_size: int, *, readonly: bool = False):
         self.chunk_size = chunk_size
@@ -40,23 +51,29 @@ class ChunkStore:
         self.can_punch = True
         self.can_allocate = True
 
-    def allocate(self, slot: int) -> bool:
-        """Reserve the space of a slot about to be written, so that a full backing
-        filesystem fails the write now (ENOSPC) instead of at writeback. Returns whether
-        the slot is known to read as zeros."""
+    def known_zero(self, slot: int) -> bool:
+        """Does the slot read as zeros (so a partial write needs no zero fill)?"""
+        return slot * self.chunk_size >= self.eof or slot in self.punched
+
+    def reserve(self, slots: list[int]) -> None:
+        """Reserve the space of slots about to be written (ascending, consecutive ones
+        in one call), so that a full backing filesystem fails the write now (ENOSPC)
+        instead of at writeback."""
         cs = self.chunk_size
-        zero = slot * cs >= self.eof or slot in self.punched
-        if self.can_allocate:
-            try:
-                fallocate(self.fd, 0, slot * cs, cs)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise
-                self.can_allocate = False
-            else:
-                self.eof = max(self.eof, (slot + 1) * cs)
-        self.punched.discard(slot)
-        return zero
+        for first, count in _runs(slots):
+            if self.can_allocate:
+                try:
+                    fallocate(self.fd, 0, first * cs, count * cs)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        # All or nothing: a failed fallocate may have allocated part of
+                        # its range; the caller frees these slots, so give it back.
+                        self.release(slots)
+                        raise
+                    self.can_allocate = False
+                else:
+                    self.eof = max(self.eof, (first + count) * cs)
+        self.punched.difference_update(slots)
 
     def readinto(self, slot: int, off: int, buf: memoryview) -> None:
         """Fill ``buf`` from the slot (may run over into following slots); past EOF stays 0."""
@@ -68,13 +85,21 @@ class ChunkStore:
         return buf
 
     def write(self, slot: int, off: int, data) -> None:
+        self.writev(slot, off, [memoryview(data)])
+
+    def writev(self, slot: int, off: int, views: list[memoryview]) -> None:
+        """Write the buffers back to back from ``off`` in ``slot`` (on into the following
+        slots): one pwritev for a run of consecutive slots."""
         pos = slot * self.chunk_size + off
-        view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(self.fd, view, pos)
+            while views:
+                n = os.pwritev(self.fd, views, pos)
                 pos += n
-                view = view[n:]
+                while views and n >= len(views[0]):
+                    n -= len(views[0])
+                    views = views[1:]
+                if n:
+                    views = [views[0][n:]] + views[1:]
         except OSError:
             # Even a failed write may have grown the file: bytes below EOF are not zeros.
             self.eof = max(self.eof, os.fstat(self.fd).st_size)
@@ -90,26 +115,19 @@ class ChunkStore:
         if not self.can_punch or not slots:
             return
         cs = self.chunk_size
-        slots = sorted(slots)
-        start = prev = slots[0]
-        for s in slots[1:] + [None]:
-            if s is not None and s == prev + 1:
-                prev = s
-                continue
+        for first, count in _runs(sorted(slots)):
             try:
                 fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          start * cs, (prev - start + 1) * cs)
+                          first * cs, count * cs)
             except OSError as e:
                 if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                     log.warning("backing filesystem cannot punch holes: freed chunks keep "
                                 "their space until reused")
                     self.can_punch = False
                     return
-                log.warning("punching freed slots %d-%d failed: %s", start, prev, e)
+                log.warning("punching freed slots %d-%d failed: %s", first, first + count - 1, e)
             else:
-                self.punched.update(range(start, prev + 1))
-            if s is not None:
-                start = prev = s
+                self.punched.update(range(first, first + count))
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512

@@ -98,6 +98,53 @@ class Checkpoint(Commit):
         super().finish()
 
 
+class _Writes:
+    """The data writes of one request, merged into one pwritev per run of consecutive
+    slots. Fresh slots are reserved just before and mapped (eset) once written: nothing
+    points at a slot whose data is not there, and a failed write gives them back."""
+
+    __slots__ = ("pool", "vd", "slot", "off", "end", "views", "fresh")
+
+    def __init__(self, pool: "Pool", vd: VDisk):
+        self.pool, self.vd = pool, vd
+        self.slot = self.off = 0
+        self.end = -1                      # data-file position where the run ends
+        self.views: list[memoryview] = []
+        self.fresh: list[tuple[int, int]] = []   # (cidx, slot) to map after the write
+
+    def add(self, slot: int, off: int, view: memoryview, cidx: int | None = None) -> None:
+        pos = slot * self.pool.chunk_size + off
+        if pos != self.end:
+            try:
+                self.flush()
+            except OSError:
+                if cidx is not None:
+                    heapq.heappush(self.pool.free_slots, slot)
+                raise
+            self.slot, self.off = slot, off
+        self.views.append(view)
+        self.end = pos + len(view)
+        if cidx is not None:
+            self.fresh.append((cidx, slot))
+
+    def flush(self) -> None:
+        if not self.views:
+            return
+        pool, store = self.pool, self.pool.store
+        views, fresh = self.views, self.fresh
+        self.views, self.fresh, self.end = [], [], -1
+        try:
+            if fresh:
+                store.reserve([s for _, s in fresh])
+            store.writev(self.slot, self.off, views)
+        except OSError:                    # ENOSPC, EIO: nothing points at them yet
+            for _, s in fresh:
+                heapq.heappush(pool.free_slots, s)
+            raise
+        for cidx, s in fresh:
+            pool._op(["eset", self.vd.vid, cidx, s])
+
+
 class _Transaction:
     """``with pool.transaction:`` groups ops into one journal record. Whatever was applied
     is journaled even if the block fails, so memory and journal always agree."""
@@ -416,17 +463,20 @@ class Pool:
             if end > vd.size:
                 self._op(["vsize", vd.vid, end])
             cs = self.chunk_size
+            out = _Writes(self, vd)
             pos = 0
             while pos < len(mv):
                 cidx, coff = divmod(off + pos, cs)
                 n = min(cs - coff, len(mv) - pos)
-                self._write_chunk(vd, cidx, coff, mv[pos:pos + n])
+                self._write_chunk(vd, cidx, coff, mv[pos:pos + n], out)
                 pos += n
+            out.flush()
         vd.props["mtime_ns"] = time.time_ns()
         self._dirty_times.add(vd.vid)
         return len(mv)
 
-    def _write_chunk(self, vd: VDisk, cidx: int, coff: int, piece: memoryview) -> None:
+    def _write_chunk(self, vd: VDisk, cidx: int, coff: int, piece: memoryview,
+                     out: "_Writes") -> None:
         m, cs, store = self.meta, self.chunk_size, self.store
         pidx, i = divmod(cidx, self.page_entries)
         pid = vd.ptab[pidx]
@@ -437,16 +487,14 @@ class Pool:
             if zero and (n == cs or self._zero_after(slot, coff, piece)):
                 self._op(["eset", vd.vid, cidx, 0])   # zero detection frees the chunk
             else:
-                store.write(slot, coff, piece)          # the fast path: one pwrite
+                out.add(slot, coff, piece)             # the fast path: in place
             return
         # The chunk is a hole or shared: its new contents go to a fresh slot.
         if slot and n < cs:
             chunk = store.read(slot)                    # copy-on-write
             chunk[coff:coff + n] = piece
-            coff = 0
+            piece, coff = memoryview(chunk), 0
             zero = self.zero.startswith(chunk)
-        else:
-            chunk = piece
         if zero:
             if slot:
                 self._private_page(vd, pidx)
@@ -454,16 +502,11 @@ class Pool:
             return                                      # zeros into a hole: nothing to do
         self._private_page(vd, pidx)
         new = self._alloc_slot()
-        try:
-            if not store.allocate(new) and len(chunk) < cs:
-                buf = bytearray(cs)                     # a reused slot may hold old bytes
-                buf[coff:coff + n] = piece
-                chunk, coff = buf, 0
-            store.write(new, coff, chunk)
-        except OSError:
-            heapq.heappush(self.free_slots, new)        # ENOSPC, EIO: nothing points at it
-            raise
-        self._op(["eset", vd.vid, cidx, new])
+        if len(piece) < cs and not store.known_zero(new):
+            buf = bytearray(cs)                         # a reused slot may hold old bytes
+            buf[coff:coff + len(piece)] = piece
+            piece, coff = memoryview(buf), 0
+        out.add(new, coff, piece, cidx)
 
     def _zero_tail(self, vd: VDisk) -> None:
         """Zero the last chunk past the end before the VDisk grows: those bytes are junk
@@ -471,7 +514,9 @@ class Pool:
         cs = self.chunk_size
         tail = vd.size % cs
         if tail and self.meta.slot_of(vd, vd.size // cs):
-            self._write_chunk(vd, vd.size // cs, tail, memoryview(self.zero)[:cs - tail])
+            out = _Writes(self, vd)
+            self._write_chunk(vd, vd.size // cs, tail, memoryview(self.zero)[:cs - tail], out)
+            out.flush()
 
     def _zero_after(self, slot: int, coff: int, piece: memoryview) -> bool:
         """After writing zeros ``piece`` at ``coff``, is the whole chunk zero?"""
