@@ -50,6 +50,7 @@ class ChunkStore:
         self.punched: set[int] = set()
         self.can_punch = True
         self.can_allocate = True
+        self.unsynced = False   # written since the last data sync began
 
     def known_zero(self, slot: int) -> bool:
         """Does the slot read as zeros (so a partial write needs no zero fill)?"""
@@ -79,6 +80,10 @@ class ChunkStore:
         """Fill ``buf`` from the slot (may run over into following slots); past EOF stays 0."""
         os.preadv(self.fd, [buf], slot * self.chunk_size + off)
 
+    def pread(self, slot: int, off: int, size: int) -> bytes:
+        """Up to ``size`` bytes from the slot (short past EOF: those read as zeros)."""
+        return os.pread(self.fd, size, slot * self.chunk_size + off)
+
     def read(self, slot: int) -> bytearray:
         buf = bytearray(self.chunk_size)
         self.readinto(slot, 0, memoryview(buf))
@@ -91,6 +96,7 @@ class ChunkStore:
         """Write the buffers back to back from ``off`` in ``slot`` (on into the following
         slots): one pwritev for a run of consecutive slots."""
         pos = slot * self.chunk_size + off
+        self.unsynced = True
         try:
             while views:
                 n = os.pwritev(self.fd, views, pos)
@@ -106,6 +112,12 @@ class ChunkStore:
             raise
         if pos > self.eof:
             self.eof = pos
+
+    def take_unsynced(self) -> bool:
+        """Was anything written since the last call? (A commit asks, on the loop thread,
+        before its data sync: a write after that sets the flag for the next commit.)"""
+        was, self.unsynced = self.unsynced, False
+        return was
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -48,10 +48,13 @@ class Commit:
         self.unstable = (m.unstable_slots, m.unstable_pages)
         m.unstable_slots, m.unstable_pages = set(), set()
         m.inflight.append(self.unstable)
+        # No data written since the last data sync (a clone, a rename): skip the fdatasync,
+        # a disk cache flush on its own.
+        self.sync_data = pool.store.take_unsynced() and pool.sync_data
 
     def run(self) -> None:
         p = self.pool
-        if p.sync_data:
+        if self.sync_data:
             p.store.sync()
         if self.data:
             p.journal.write_at(self.offset, self.data)
@@ -68,6 +71,7 @@ class Commit:
     def abort(self) -> None:
         """The run failed: keep everything for the next try."""
         p, m = self.pool, self.pool.meta
+        p.store.unsynced |= self.sync_data
         p.journal.put_back(self.data, self.ntxns)
         m.freed_slots[:0] = self.freed_slots
         m.freed_pids[:0] = self.freed_pids
@@ -86,7 +90,7 @@ class Checkpoint(Commit):
 
     def run(self) -> None:
         p = self.pool
-        if p.sync_data:
+        if self.sync_data:
             p.store.sync()
         layout.write_file_atomic(p.path, layout.CHECKPOINT, self.record)
         p.journal.replace(self.gen)
@@ -418,32 +422,36 @@ class Pool:
                     self._op(["vset", vd.vid, k, v])
 
     # ------------------------------------------------------------ data path
-    def read(self, vd: VDisk, off: int, size: int) -> bytearray:
+    def read(self, vd: VDisk, off: int, size: int) -> bytes | bytearray:
         if off >= vd.size or size <= 0:
-            return bytearray()
+            return b""
         size = min(size, vd.size - off)
-        out = bytearray(size)
-        mv = memoryview(out)
         cs, pe = self.chunk_size, self.page_entries
         ptab, pages = vd.ptab, self.meta.pages
-        store = self.store
+        runs = []   # [buffer position, slot, offset in slot, length]: consecutive slots merged
         pos = 0
-        run_slot = run_off = run_pos = run_len = 0   # a run of consecutive slots
         while pos < size:
             cidx, coff = divmod(off + pos, cs)
             n = min(cs - coff, size - pos)
             pid = ptab[cidx // pe]
             slot = pages[pid][cidx % pe] if pid else 0
-            if run_len and slot and slot * cs + coff == run_slot * cs + run_off + run_len:
-                run_len += n
-            else:
-                if run_len:
-                    store.readinto(run_slot, run_off, mv[run_pos:run_pos + run_len])
-                run_len = n if slot else 0
-                run_slot, run_off, run_pos = slot, coff, pos
+            if slot:
+                last = runs[-1] if runs else None
+                if (last and last[0] + last[3] == pos
+                        and last[1] * cs + last[2] + last[3] == slot * cs + coff):
+                    last[3] += n
+                else:
+                    runs.append([pos, slot, coff, n])
             pos += n
-        if run_len:
-            store.readinto(run_slot, run_off, mv[run_pos:run_pos + run_len])
+        store = self.store
+        if len(runs) == 1 and runs[0][3] == size:
+            # One run (most requests): one pread, no zero-filled buffer to fill.
+            data = store.pread(runs[0][1], runs[0][2], size)
+            return data if len(data) == size else data + bytes(size - len(data))
+        out = bytearray(size)
+        mv = memoryview(out)
+        for pos, slot, coff, n in runs:
+            store.readinto(slot, coff, mv[pos:pos + n])
         return out
 
     def write(self, vd: VDisk, off: int, data) -> int:

@@ -3,7 +3,8 @@
 Each job runs in steps (``Clones.step``), each one transaction, and yields between them
 so that I/O to every VDisk keeps flowing. With a speed limit (``--clone-speed``, bytes of
 source data per second, like a QEMU block job's speed) a job shares one page per step and
-sleeps for the data it shared; unlimited, it shares a batch per step. A job shows
+sleeps for the data it shared; unlimited, it shares a batch per step, and a source that
+fits in one batch is cloned in the command's own transaction (one commit). A job shows
 ``Completed``, and its destination opens, only once the transaction that completed it is
 durable. A command (start, cancel, purge) returns once its effect is durable too, so a
 crash right after never undoes an acknowledged command.
@@ -72,9 +73,14 @@ class JobRunner:
             await flush(cmd.src)
             job = clones.start(cmd.src, cmd.dst)
             log.info("clone %s -> %s started (%d pages)", cmd.src, cmd.dst, job["total"])
-            assert self.nursery is not None
-            self.nursery.start_soon(self._run, job)
-            await self.sync()
+            if job["state"] == RUNNING and not self.speed and job["total"] <= BATCH_PAGES:
+                clones.step(job, BATCH_PAGES)   # a step's work: start and end in one commit
+            if job["state"] == RUNNING:
+                assert self.nursery is not None
+                self.nursery.start_soon(self._run, job)
+                await self.sync()
+            else:
+                await self._settle(job)
 
     async def _run(self, job: dict) -> None:
         clones = self.pool.clones
@@ -84,13 +90,7 @@ class JobRunner:
                 if job["state"] != RUNNING:
                     break
                 await trio.sleep(shared / self.speed if self.speed else 0)
-            if job["state"] == "Completed":
-                self.unsettled[job["id"]] = "99%"
-                try:
-                    await self.sync()
-                finally:
-                    self.unsettled.pop(job["id"], None)
-                log.info("clone %s -> %s completed", job["src_name"], job["dst_name"])
+            await self._settle(job)
         except trio.Cancelled:
             raise   # unmount: the job stays "running" in the metadata and resumes
         except Exception as e:
@@ -98,6 +98,17 @@ class JobRunner:
             if job["state"] == RUNNING:
                 clones.stop(job, "Error", str(e))
                 await self.on_removed(job["dst_name"], job["dst"])
+
+    async def _settle(self, job: dict) -> None:
+        """A job that ended Completed shows 99% until that is durable."""
+        if job["state"] != "Completed":
+            return
+        self.unsettled[job["id"]] = "99%"
+        try:
+            await self.sync()
+        finally:
+            self.unsettled.pop(job["id"], None)
+        log.info("clone %s -> %s completed", job["src_name"], job["dst_name"])
 
     def settling(self, vid: int) -> bool:
         """Is ``vid`` the destination of a clone whose completion is not durable yet?"""
