@@ -71,3 +71,12 @@ def test_setid_bits_stored_by_an_older_version_are_not_shown(new_mount):
     pool.close()
     m = new_mount.start()
     assert stat.S_IMODE(os.stat(m.path("OLD")).st_mode) == 0o755
+
+
+def test_without_a_session_it_declines_and_says_why(caplog):
+    """No pyfuse3 session in this process: install() must decline (log, False), never
+    raise or touch memory it did not check."""
+    from vdiskfs.fs import killpriv
+    with caplog.at_level("WARNING"):
+        assert killpriv.install() is False
+    assert "HANDLE_KILLPRIV_V2 not requested" in caplog.text

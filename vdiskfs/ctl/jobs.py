@@ -74,7 +74,11 @@ class JobRunner:
             job = clones.start(cmd.src, cmd.dst)
             log.info("clone %s -> %s started (%d pages)", cmd.src, cmd.dst, job["total"])
             if job["state"] == RUNNING and not self.speed and job["total"] <= BATCH_PAGES:
-                clones.step(job, BATCH_PAGES)   # a step's work: start and end in one commit
+                try:
+                    clones.step(job, BATCH_PAGES)   # a step's work: start and end in one commit
+                except Exception:
+                    log.exception("clone %s -> %s: first step failed; the job retries it",
+                                  cmd.src, cmd.dst)
             if job["state"] == RUNNING:
                 assert self.nursery is not None
                 self.nursery.start_soon(self._run, job)

@@ -41,7 +41,8 @@ IN_HEADER_LEN = 40
 OUT_HEADER = struct.Struct("<IiQ")     # fuse_out_header: len, error, unique
 INIT_FLAGS_AT = 12                     # fuse_init_in/out: major, minor, max_readahead, flags
 SESSION_SYMBOL = b"__pyx_v_7pyfuse3_session"
-SCAN_WORDS = 32                        # se->io sits near the start of struct fuse_session
+KNOWN_LIBFUSE = (314,)                 # fuse_version()s whose struct fuse_session was checked
+FD_OFFSET, IO_OFFSET = 12, 16          # struct fuse_session: int fd; struct fuse_custom_io *io
 
 
 class _IoVec(ctypes.Structure):
@@ -111,14 +112,15 @@ class _Negotiator:
         self.sys_writev.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_int]
         self.sys_writev.restype = ctypes.c_ssize_t
         self.fuse = ctypes.CDLL("libfuse3.so.3")
-        if not hasattr(self.fuse, "fuse_session_custom_io"):
-            raise Unsupported("libfuse has no fuse_session_custom_io (older than 3.14)")
+        version = self.fuse.fuse_version()
+        if version not in KNOWN_LIBFUSE:
+            raise Unsupported(f"libfuse {version // 100}.{version % 100} is not one this "
+                              "was checked against")
         self.fuse.fuse_session_custom_io.argtypes = [ctypes.c_void_p, ctypes.POINTER(_CustomIo),
                                                      ctypes.c_int]
         self.fuse.fuse_session_fd.argtypes = [ctypes.c_void_p]
         # Kept referenced for the life of the process: libfuse holds their addresses.
         self.io = _CustomIo(_WRITEV(self._writev), _READ(self._read), None, None)
-        self.session = 0
         self.io_slot = 0          # address of se->io
         self.init_unique = None   # the INIT request's id, once read
         self.offered = False
@@ -133,23 +135,23 @@ class _Negotiator:
         fd = self.fuse.fuse_session_fd(se)
         if fd < 0 or os.readlink(f"/proc/self/fd/{fd}") != "/dev/fuse":
             raise Unsupported(f"session fd {fd} is not /dev/fuse")
-        words = (ctypes.c_void_p * SCAN_WORDS).from_address(se)
-        before = list(words)
+        # struct fuse_session (libfuse 3.14, lib/fuse_i.h) begins: char *mountpoint;
+        # volatile int exited; int fd; struct fuse_custom_io *io. Check before touching.
+        io_slot = ctypes.c_void_p.from_address(se + IO_OFFSET)
+        if ctypes.c_int.from_address(se + FD_OFFSET).value != fd or io_slot.value:
+            raise Unsupported("struct fuse_session is not laid out as expected")
         rc = self.fuse.fuse_session_custom_io(se, ctypes.byref(self.io), fd)
         if rc != 0:
             raise Unsupported(f"fuse_session_custom_io: {os.strerror(-rc)}")
-        changed = [i for i in range(SCAN_WORDS) if words[i] != before[i]]
-        ok = False
-        if len(changed) == 1 and words[changed[0]]:
-            copy = _CustomIo.from_address(words[changed[0]])
-            ok = (ctypes.cast(copy.writev, ctypes.c_void_p).value
-                  == ctypes.cast(self.io.writev, ctypes.c_void_p).value)
-        if not ok:
-            # Still correct (the callbacks pass everything through), only slower; say so.
-            log.warning("could not locate libfuse's se->io: the FUSE session's I/O stays "
+        copy = _CustomIo.from_address(io_slot.value) if io_slot.value else None
+        if copy is None or (ctypes.cast(copy.writev, ctypes.c_void_p).value
+                            != ctypes.cast(self.io.writev, ctypes.c_void_p).value):
+            # Cannot happen after the check above; if it did, the callbacks still pass
+            # every request through: correct, only slower.
+            log.warning("libfuse's se->io is not where expected: the session's I/O stays "
                         "on ctypes callbacks")
             return
-        self.session, self.io_slot = se, se + changed[0] * ctypes.sizeof(ctypes.c_void_p)
+        self.io_slot = se + IO_OFFSET
 
     def _detach(self) -> None:
         if self.io_slot:
