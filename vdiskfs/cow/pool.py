@@ -427,6 +427,14 @@ class Pool:
             return b""
         size = min(size, vd.size - off)
         cs, pe = self.chunk_size, self.page_entries
+        store = self.store
+        cidx, coff = divmod(off, cs)
+        if coff + size <= cs:                       # within one chunk (small reads)
+            slot = self.meta.slot_of(vd, cidx)
+            if not slot:
+                return bytes(size)
+            data = store.pread(slot, coff, size)
+            return data if len(data) == size else data + bytes(size - len(data))
         ptab, pages = vd.ptab, self.meta.pages
         runs = []   # [buffer position, slot, offset in slot, length]: consecutive slots merged
         pos = 0
@@ -443,7 +451,6 @@ class Pool:
                 else:
                     runs.append([pos, slot, coff, n])
             pos += n
-        store = self.store
         if len(runs) == 1 and runs[0][3] == size:
             # One run (most requests): one pread, no zero-filled buffer to fill.
             data = store.pread(runs[0][1], runs[0][2], size)

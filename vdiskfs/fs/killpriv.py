@@ -158,33 +158,46 @@ class _Negotiator:
             ctypes.c_void_p.from_address(self.io_slot).value = None
             self.io_slot = 0
 
+    # The callbacks run inside libfuse: an exception must not escape (ctypes would return
+    # 0 for the call), so the inspection is guarded and the system call always made.
     def _read(self, fd, buf, size, _userdata):
         n = self.sys_read(fd, buf, size)
-        if n >= IN_HEADER_LEN + 16 and self.init_unique is None:
-            _, opcode, unique = IN_HEADER.unpack(ctypes.string_at(buf, IN_HEADER.size))
-            if opcode == FUSE_INIT:
-                self.init_unique = unique
-                flags, = struct.unpack("<I", ctypes.string_at(
-                    buf + IN_HEADER_LEN + INIT_FLAGS_AT, 4))
-                self.offered = bool(flags & FUSE_HANDLE_KILLPRIV_V2)
+        if self.init_unique is None and n >= IN_HEADER_LEN + INIT_FLAGS_AT + 4:
+            try:
+                _, opcode, unique = IN_HEADER.unpack(ctypes.string_at(buf, IN_HEADER.size))
+                if opcode == FUSE_INIT:
+                    self.init_unique = unique
+                    flags = ctypes.c_uint32.from_address(buf + IN_HEADER_LEN + INIT_FLAGS_AT)
+                    self.offered = bool(flags.value & FUSE_HANDLE_KILLPRIV_V2)
+            except Exception:
+                log.exception("reading the INIT request")
         return n
 
     def _writev(self, fd, iov, count, _userdata):
-        if self.result is None and count >= 2 and iov[0].len >= OUT_HEADER.size:
-            _, error, unique = OUT_HEADER.unpack(ctypes.string_at(iov[0].base, OUT_HEADER.size))
-            if unique == self.init_unique:
-                if error or iov[1].len < INIT_FLAGS_AT + 4:
-                    self.result = "INIT failed"
-                elif not self.offered:
-                    self.result = "the kernel does not offer it"
-                else:
-                    flags = ctypes.c_uint32.from_address(iov[1].base + INIT_FLAGS_AT)
-                    flags.value |= FUSE_HANDLE_KILLPRIV_V2
-                    self.result = "negotiated"
+        try:
+            self._amend_init_reply(iov, count)
+        except Exception:
+            log.exception("amending the INIT reply")
+            self.result = self.result or "failed (see the log)"
         n = self.sys_writev(fd, iov, count)
         if self.result is not None:
             self._detach()
         return n
+
+    def _amend_init_reply(self, iov, count) -> None:
+        if self.result is not None or count < 1 or iov[0].len < OUT_HEADER.size:
+            return
+        _, error, unique = OUT_HEADER.unpack(ctypes.string_at(iov[0].base, OUT_HEADER.size))
+        if unique != self.init_unique:
+            return
+        if error or count < 2 or iov[1].len < INIT_FLAGS_AT + 4:
+            self.result = "INIT failed"
+        elif not self.offered:
+            self.result = "the kernel does not offer it"
+        else:
+            flags = ctypes.c_uint32.from_address(iov[1].base + INIT_FLAGS_AT)
+            flags.value |= FUSE_HANDLE_KILLPRIV_V2
+            self.result = "negotiated"
 
 
 _negotiator: _Negotiator | None = None
