@@ -28,7 +28,9 @@ import msgpack
 
 #: Version of every record this code writes. Bump it (and teach ``check_version``
 #: a migration) whenever a record's meaning changes.
-FORMAT_VERSION = 1
+#: 1: the first format. 2: partial slots (ops pset/pmask, the checkpoint's "partial");
+#: a version 1 record reads as it is (no partial slots).
+FORMAT_VERSION = 2
 
 FRAME_MAGIC = b"VDF1"
 FRAME_HEADER = struct.Struct("<4sII")

@@ -83,7 +83,30 @@ def count_slot_refs(m: Metadata) -> array:
             if s >= len(count):
                 count.extend(array("I", bytes(4 * (s + 1 - len(count)))))
             count[s] += 1
+    for s, (base, _) in m.partial.items():   # a mapped partial slot references its base
+        if s < len(count) and count[s] and base:
+            if base >= len(count):
+                count.extend(array("I", bytes(4 * (base + 1 - len(count)))))
+            count[base] += 1
     return count
+
+
+def check_partials(m: Metadata, data_size: int, r: Report) -> None:
+    """Partial slots: mapped, with a whole (non-partial) base that is still in the data
+    file, and a mask naming some but not all blocks."""
+    errors = []
+    for s, (base, mask) in sorted(m.partial.items()):
+        if not (s < len(m.slot_ref) and m.slot_ref[s]):
+            errors.append(f"partial slot {s} is not in use")
+        elif not base or base in m.partial:
+            errors.append(f"partial slot {s} has an invalid base {base}")
+        elif base * m.chunk_size >= data_size:
+            errors.append(f"partial slot {s}: its base {base} lies past the end of the data "
+                          "file")
+        if not 0 < mask < m.full_mask:
+            errors.append(f"partial slot {s} has an invalid block mask {mask:#x}")
+    r.errors += _limit(errors, "partial slot errors")
+    r.stats["partial_slots"] = len(m.partial)
 
 
 def check_slot_refs(m: Metadata, data_size: int, r: Report) -> None:
@@ -149,6 +172,7 @@ def fsck(path: str) -> Report:
         check_vdisks(m, r)
         check_page_refs(m, r)
         check_slot_refs(m, data_size, r)
+        check_partials(m, data_size, r)
         check_jobs(m, r)
         r.stats.update(vdisks=len(m.vdisks), replayed=pool.replayed,
                        chunk_size=pool.chunk_size, journal=pool.journal.gen,
@@ -183,6 +207,7 @@ def repair(path: str) -> Report:
         _repair_jobs(m, r)
         _unmap_lost_slots(m, os.fstat(pool.store.fd).st_size, r)
         _repair_pages(m, r)
+        _repair_partials(pool, os.fstat(pool.store.fd).st_size, r)
         leaked = _repair_slots(m, r)
         pool.checkpoint()
         pool.store.release(leaked)
@@ -271,6 +296,31 @@ def _repair_pages(m: Metadata, r: Report) -> None:
     m.page_ref = count
     for vd in m.vdisks.values():
         vd.nalloc = sum(m._nonzero(pid) for pid in vd.ptab if pid)
+
+
+def _repair_partials(pool: Pool, data_size: int, r: Report) -> None:
+    """Drop the records of partial slots no map points at; a mapped one whose base is
+    unusable gets zeros in the blocks it lacks (their data is lost) and becomes whole."""
+    m = pool.meta
+    mapped = set()
+    for page in m.pages.values():
+        mapped.update(page)
+    for s, (base, mask) in sorted(m.partial.items()):
+        if s not in mapped:
+            del m.partial[s]
+            r.notes.append(f"partial slot {s} was not mapped; its record dropped")
+            continue
+        if (base and base not in m.partial and base * m.chunk_size < data_size
+                and 0 < mask < m.full_mask):
+            continue
+        bs = m.block_size
+        held = mask if 0 <= mask <= m.full_mask else 0
+        for b in range(m.chunk_size // bs):
+            if not held >> b & 1:
+                pool.store.write(s, b * bs, bytes(bs))
+        del m.partial[s]
+        r.errors.append(f"partial slot {s}: base {base} unusable; the blocks it lacked now "
+                        "read as zeros")
 
 
 def _repair_slots(m: Metadata, r: Report) -> list[int]:

@@ -6,8 +6,13 @@ Model (dm-thin style two-level sharing):
   address space (PE = page_entries). Page id 0 means "no page: all holes".
 - A *page* is ``array('Q')`` of PE slot numbers. Slot 0 means "hole, reads zeros".
 - ``page_ref[pid]`` = number of page-table entries (over all VDisks) naming page pid.
-- ``slot_ref[s]``  = number of page entries (over all live pages) naming slot s.
-  A slot is therefore shared between VDisks if its page is shared *or* its refcount > 1.
+- ``slot_ref[s]``  = number of page entries (over all live pages) naming slot s, plus the
+  number of partial slots whose base it is. A slot is therefore shared between VDisks if
+  its page is shared *or* its refcount > 1.
+- ``partial[s] = [base, mask]``: slot s holds only the blocks (chunk_size/64 each, at least
+  4 KiB) whose bit is set in mask; the other blocks are those of slot ``base``. This is how
+  a small write into a shared chunk avoids reading and copying the whole chunk (qcow2's
+  subclusters). A base is never itself partial.
 
 Every change to this state is an *op* (a short list, first element its name) applied by
 ``apply``; the same method runs live and during journal replay, so replay cannot drift
@@ -22,6 +27,14 @@ so they are deterministic. The ops:
                                         (its slots gain a reference, the old page loses one)
     ["eset",  vid, cidx, slot]          point chunk cidx (on a private page) at a fresh slot,
                                         or at 0; the old slot loses a reference
+    ["pset",  vid, cidx, slot, base, mask]  point chunk cidx (on a private page), now at
+                                        slot ``base``, at a fresh *partial* slot holding only
+                                        the blocks in ``mask``; the others are read from
+                                        ``base``, whose reference moves from the map to the
+                                        partial (format 2)
+    ["pmask", slot, mask]               a partial slot now holds the blocks in ``mask`` (a
+                                        superset); all of them: it is whole, its base loses
+                                        the reference (format 2)
     ["vshare", src, dst, p0, p1]        dst.ptab[p0:p1] = src.ptab[p0:p1], pages gain a
                                         reference (the clone primitive)
     ["vdel",  vid]                      delete a VDisk, releasing its pages
@@ -65,6 +78,9 @@ class Metadata:
         self.page_ref = array("I", [0])   # pid 0 is never a page
         self.slot_ref = array("I", [0])   # slot 0 is never a slot
         self.next_vid = 1
+        self.partial: dict[int, list[int]] = {}   # slot -> [base slot, block mask]
+        self.block_size = max(4096, chunk_size // 64)
+        self.full_mask = (1 << (chunk_size // self.block_size)) - 1
         self.jobs: dict[int, dict] = {}   # clone jobs, oldest first (see cow/clones.py)
         self.next_job = 1
         # Filled by apply() as references drop; the live engine drains them at commit.
@@ -79,6 +95,7 @@ class Metadata:
         self._ops: dict[str, Callable[..., None]] = {
             "vnew": self._vnew, "vset": self._vset, "vsize": self._vsize,
             "pcow": self._pcow, "eset": self._eset, "vshare": self._vshare,
+            "pset": self._pset, "pmask": self._pmask,
             "vdel": self._vdel, "jnew": self._jnew, "jset": self._jset,
             "jdone": self._jdone, "jdel": self._jdel,
         }
@@ -199,6 +216,34 @@ class Metadata:
         if old:
             self._slot_decref(old)
 
+    def _pset(self, vid: int, cidx: int, slot: int, base: int, mask: int) -> None:
+        vd = self._vd(vid)
+        pidx, i = divmod(cidx, self.page_entries)
+        pid = vd.ptab[pidx]
+        if not pid or self.page_ref[pid] != 1:
+            raise FormatError(f"pset on a shared or missing page (VDisk {vid} chunk {cidx})")
+        page = self.pages[pid]
+        if not base or page[i] != base or base in self.partial:
+            raise FormatError(f"pset: chunk {cidx} of VDisk {vid} is not at base {base}")
+        if not 0 < mask < self.full_mask:
+            raise FormatError(f"pset: bad block mask {mask:#x}")
+        if not slot or (slot < len(self.slot_ref) and self.slot_ref[slot]):
+            raise FormatError(f"slot {slot} is in use")
+        self._grow(self.slot_ref, slot)
+        self.slot_ref[slot] = 1
+        page[i] = slot
+        self.partial[slot] = [base, mask]     # base keeps its reference: now the partial's
+
+    def _pmask(self, slot: int, mask: int) -> None:
+        p = self.partial.get(slot)
+        if p is None or mask & ~self.full_mask or p[1] & ~mask:
+            raise FormatError(f"pmask {mask:#x} does not fit slot {slot}")
+        if mask == self.full_mask:
+            del self.partial[slot]
+            self._slot_decref(p[0])
+        else:
+            p[1] = mask
+
     def _vshare(self, src: int, dst: int, p0: int, p1: int) -> None:
         s, d = self._vd(src), self._vd(dst)
         if p1 > len(s.ptab) or p1 > len(d.ptab) or p0 < 0 or p0 > p1:
@@ -260,6 +305,9 @@ class Metadata:
         self.unstable_slots.add(s)
         if self.slot_ref[s] == 0:
             self.freed_slots.append(s)
+            p = self.partial.pop(s, None)
+            if p is not None:
+                self._slot_decref(p[0])
 
     def exclusive(self, pid: int, slot: int) -> bool:
         """May the data of ``slot`` (on page ``pid``) be overwritten in place?"""
@@ -301,6 +349,7 @@ class Metadata:
             "page_ref": codec.array_to_bin(self.page_ref),
             "slot_ref": codec.array_to_bin(self.slot_ref),
             "jobs": list(self.jobs.values()),
+            "partial": [[s, b, m] for s, (b, m) in sorted(self.partial.items())],
         }
 
     @classmethod
@@ -332,6 +381,8 @@ class Metadata:
                     m.names[vd.name] = vd.vid
             for job in rec["jobs"]:
                 m.jobs[job["id"]] = job
+            for s, b, mask in rec.get("partial", ()):     # format 2
+                m.partial[int(s)] = [int(b), int(mask)]
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError) as e:

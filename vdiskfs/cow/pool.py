@@ -104,49 +104,54 @@ class Checkpoint(Commit):
 
 class _Writes:
     """The data writes of one request, merged into one pwritev per run of consecutive
-    slots. Fresh slots are reserved just before and mapped (eset) once written: nothing
-    points at a slot whose data is not there, and a failed write gives them back."""
+    slots. Fresh slots are reserved just before; the ops that make the written data
+    visible (eset, pset, pmask) are applied only once it is written: nothing points at
+    data that is not there, and a failed write gives its fresh slots back."""
 
-    __slots__ = ("pool", "vd", "slot", "off", "end", "views", "fresh")
+    __slots__ = ("pool", "slot", "off", "end", "views", "fresh", "ops")
 
-    def __init__(self, pool: "Pool", vd: VDisk):
-        self.pool, self.vd = pool, vd
+    def __init__(self, pool: "Pool"):
+        self.pool = pool
         self.slot = self.off = 0
         self.end = -1                      # data-file position where the run ends
         self.views: list[memoryview] = []
-        self.fresh: list[tuple[int, int]] = []   # (cidx, slot) to map after the write
+        self.fresh: list[int] = []         # slots to reserve, given back on failure
+        self.ops: list[list] = []          # applied after the write
 
-    def add(self, slot: int, off: int, view: memoryview, cidx: int | None = None) -> None:
+    def add(self, slot: int, off: int, view, op: list | None = None,
+            fresh: bool = False) -> None:
         pos = slot * self.pool.chunk_size + off
         if pos != self.end:
             try:
                 self.flush()
             except OSError:
-                if cidx is not None:
+                if fresh:
                     heapq.heappush(self.pool.free_slots, slot)
                 raise
             self.slot, self.off = slot, off
         self.views.append(view)
         self.end = pos + len(view)
-        if cidx is not None:
-            self.fresh.append((cidx, slot))
+        if fresh:
+            self.fresh.append(slot)
+        if op is not None:
+            self.ops.append(op)
 
     def flush(self) -> None:
         if not self.views:
             return
         pool, store = self.pool, self.pool.store
-        views, fresh = self.views, self.fresh
-        self.views, self.fresh, self.end = [], [], -1
+        views, fresh, ops = self.views, self.fresh, self.ops
+        self.views, self.fresh, self.ops, self.end = [], [], [], -1
         try:
             if fresh:
-                store.reserve([s for _, s in fresh])
+                store.reserve(fresh)
             store.writev(self.slot, self.off, views)
         except OSError:                    # ENOSPC, EIO: nothing points at them yet
-            for _, s in fresh:
+            for s in fresh:
                 heapq.heappush(pool.free_slots, s)
             raise
-        for cidx, s in fresh:
-            pool._op(["eset", self.vd.vid, cidx, s])
+        for op in ops:
+            pool._op(op)
 
 
 class _Transaction:
@@ -428,13 +433,15 @@ class Pool:
         size = min(size, vd.size - off)
         cs, pe = self.chunk_size, self.page_entries
         store = self.store
+        partial = self.meta.partial
         cidx, coff = divmod(off, cs)
         if coff + size <= cs:                       # within one chunk (small reads)
             slot = self.meta.slot_of(vd, cidx)
             if not slot:
                 return bytes(size)
-            data = store.pread(slot, coff, size)
-            return data if len(data) == size else data + bytes(size - len(data))
+            if slot not in partial:
+                data = store.pread(slot, coff, size)
+                return data if len(data) == size else data + bytes(size - len(data))
         ptab, pages = vd.ptab, self.meta.pages
         runs = []   # [buffer position, slot, offset in slot, length]: consecutive slots merged
         pos = 0
@@ -444,13 +451,17 @@ class Pool:
             pid = ptab[cidx // pe]
             slot = pages[pid][cidx % pe] if pid else 0
             if slot:
-                last = runs[-1] if runs else None
-                if (last and last[0] + last[3] == pos
-                        and last[1] * cs + last[2] + last[3] == slot * cs + coff):
-                    last[3] += n
-                else:
-                    runs.append([pos, slot, coff, n])
-            pos += n
+                for src, soff, ln in (self._sources(slot, coff, n) if slot in partial
+                                      else ((slot, coff, n),)):
+                    last = runs[-1] if runs else None
+                    if (last and last[0] + last[3] == pos
+                            and last[1] * cs + last[2] + last[3] == src * cs + soff):
+                        last[3] += ln
+                    else:
+                        runs.append([pos, src, soff, ln])
+                    pos += ln
+            else:
+                pos += n
         if len(runs) == 1 and runs[0][3] == size:
             # One run (most requests): one pread, no zero-filled buffer to fill.
             data = store.pread(runs[0][1], runs[0][2], size)
@@ -478,7 +489,7 @@ class Pool:
             if end > vd.size:
                 self._op(["vsize", vd.vid, end])
             cs = self.chunk_size
-            out = _Writes(self, vd)
+            out = _Writes(self)
             pos = 0
             while pos < len(mv):
                 cidx, coff = divmod(off + pos, cs)
@@ -491,22 +502,48 @@ class Pool:
         return len(mv)
 
     def _write_chunk(self, vd: VDisk, cidx: int, coff: int, piece: memoryview,
-                     out: "_Writes") -> None:
+                     out: _Writes) -> None:
         m, cs, store = self.meta, self.chunk_size, self.store
         pidx, i = divmod(cidx, self.page_entries)
         pid = vd.ptab[pidx]
         slot = m.pages[pid][i] if pid else 0
         n = len(piece)
-        zero = self.zero.startswith(piece)
         if slot and m.exclusive(pid, slot):
+            p = m.partial.get(slot)
+            if p is not None:                          # in place, filling in blocks
+                if self.zero.startswith(piece):
+                    chunk = self._read_chunk(slot)
+                    chunk[coff:coff + n] = piece
+                    if self.zero.startswith(chunk):
+                        self._op(["eset", vd.vid, cidx, 0])   # zero detection, as below
+                        return
+                base, mask = p
+                start, view, bits = self._span(coff, piece, lambda b: self._block(
+                    slot if mask >> (b // m.block_size) & 1 else base, b))
+                out.add(slot, start, view,
+                        ["pmask", slot, mask | bits] if mask | bits != mask else None)
+                return
+            zero = self.zero.startswith(piece)
             if zero and (n == cs or self._zero_after(slot, coff, piece)):
                 self._op(["eset", vd.vid, cidx, 0])   # zero detection frees the chunk
             else:
                 out.add(slot, coff, piece)             # the fast path: in place
             return
         # The chunk is a hole or shared: its new contents go to a fresh slot.
+        zero = self.zero.startswith(piece)
+        if slot and n < cs and not zero and m.full_mask > 1 and slot not in m.partial:
+            # A small write into a shared chunk: a partial slot with just the blocks
+            # written; the rest stays in the old slot (no read, no copy of the chunk).
+            self._private_page(vd, pidx)
+            new = self._alloc_slot()
+            start, view, bits = self._span(coff, piece, lambda b: self._block(slot, b))
+            if bits == m.full_mask:
+                out.add(new, 0, view, ["eset", vd.vid, cidx, new], fresh=True)
+            else:
+                out.add(new, start, view, ["pset", vd.vid, cidx, new, slot, bits], fresh=True)
+            return
         if slot and n < cs:
-            chunk = store.read(slot)                    # copy-on-write
+            chunk = self._read_chunk(slot)              # copy-on-write of the whole chunk
             chunk[coff:coff + n] = piece
             piece, coff = memoryview(chunk), 0
             zero = self.zero.startswith(chunk)
@@ -521,7 +558,55 @@ class Pool:
             buf = bytearray(cs)                         # a reused slot may hold old bytes
             buf[coff:coff + len(piece)] = piece
             piece, coff = memoryview(buf), 0
-        out.add(new, coff, piece, cidx)
+        out.add(new, coff, piece, ["eset", vd.vid, cidx, new], fresh=True)
+
+    def _span(self, coff: int, piece: memoryview, fill) -> tuple[int, memoryview, int]:
+        """Widen a write of ``piece`` at ``coff`` to whole blocks: (start, data, block
+        mask). ``fill(block_offset)`` gives the current bytes of a partly written block."""
+        bs = self.meta.block_size
+        end = coff + len(piece)
+        start, stop = coff // bs * bs, -(-end // bs) * bs
+        bits = ((1 << ((stop - start) // bs)) - 1) << (start // bs)
+        if start == coff and stop == end:
+            return start, piece, bits
+        buf = bytearray(stop - start)
+        if start < coff:
+            buf[:bs] = fill(start)
+        if stop > end and (stop - bs > start or start == coff):
+            buf[-bs:] = fill(stop - bs)
+        buf[coff - start:end - start] = piece
+        return start, memoryview(buf), bits
+
+    def _block(self, slot: int, off: int) -> bytes:
+        bs = self.meta.block_size
+        data = self.store.pread(slot, off, bs)
+        return data if len(data) == bs else data + bytes(bs - len(data))
+
+    def _sources(self, slot: int, coff: int, n: int) -> list[tuple[int, int, int]]:
+        """Where bytes [coff, coff + n) of a partial slot's chunk are: (slot, offset,
+        length) pieces, from the slot for the blocks it holds, else from its base."""
+        base, mask = self.meta.partial[slot]
+        bs = self.meta.block_size
+        out = []
+        pos, end = coff, coff + n
+        while pos < end:
+            held = mask >> (pos // bs) & 1
+            stop = min(end, (pos // bs + 1) * bs)
+            while stop < end and (mask >> (stop // bs) & 1) == held:
+                stop = min(end, stop + bs)
+            out.append((slot if held else base, pos, stop - pos))
+            pos = stop
+        return out
+
+    def _read_chunk(self, slot: int) -> bytearray:
+        """A chunk's whole contents (partial slots merged with their base)."""
+        if slot not in self.meta.partial:
+            return self.store.read(slot)
+        buf = bytearray(self.chunk_size)
+        mv = memoryview(buf)
+        for src, off, n in self._sources(slot, 0, self.chunk_size):
+            self.store.readinto(src, off, mv[off:off + n])
+        return buf
 
     def _zero_tail(self, vd: VDisk) -> None:
         """Zero the last chunk past the end before the VDisk grows: those bytes are junk
@@ -529,7 +614,7 @@ class Pool:
         cs = self.chunk_size
         tail = vd.size % cs
         if tail and self.meta.slot_of(vd, vd.size // cs):
-            out = _Writes(self, vd)
+            out = _Writes(self)
             self._write_chunk(vd, vd.size // cs, tail, memoryview(self.zero)[:cs - tail], out)
             out.flush()
 
