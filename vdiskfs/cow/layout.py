@@ -1,4 +1,5 @@
-"""Pool directory layout and the records stored in it (format version 1).
+"""Pool directory layout and the records stored in it (format version 2; see
+codec.FORMAT_VERSION for what changed).
 
 A pool is a directory::
 
@@ -10,7 +11,8 @@ A pool is a directory::
     POOL/data            chunk slots: slot s is bytes [s*chunk_size, (s+1)*chunk_size);
                          slot 0 is never used (a map entry 0 means "hole, reads zeros")
     POOL/checkpoint      one frame, record kind "checkpoint": the whole metadata state
-                         (see meta.Metadata.to_record) at journal generation ``gen``
+                         (see meta.Metadata.to_record) at journal generation ``gen``;
+                         from version 2 with "partial": [[slot, base, mask], ...]
     POOL/journal         a frame of kind "journal" {gen} then one frame per transaction
                          {kind: "txn", v, ops: [op, ...]} (ops: see meta.Metadata.apply)
     POOL/daemon.log      the mount daemon's log
