@@ -1347,6 +1347,26 @@ def test_clone_job_cancel_releases_everything(pool):
     check(pool)
 
 
+def test_a_cancel_lost_in_a_crash_leaves_the_clone_point_intact(path):
+    """Writes to the source after a cancel that a crash then undoes: the job resumes, and
+    the pages it had not reached must still hold the clone-point data (the writes must
+    not have gone in place into them)."""
+    pool = Pool(path)
+    a, data = _source(pool)
+    job = pool.clones.start("A", "B")
+    pool.sync()                                     # the job is durable, at page 0
+    pool.clones.cancel_from("A")                    # ... its cancel is not
+    pool.write(a, 0, b"late" * 100)                 # no job now: in place, if allowed
+    pool.write(a, 3 * SPAN + 5, b"later")
+    pool.store.sync()                               # even if the data reached the disk
+    pool = reopen_after_crash(pool)
+    (job,) = pool.clones.running()
+    pool.clones.step(job, 64)
+    assert read_all(pool, pool.lookup("B")) == data
+    check(pool)
+    pool.close()
+
+
 def test_clone_job_of_empty_source_completes_at_once(pool):
     pool.create("A", 10 * SPAN)
     job = pool.clones.start("A", "B")

@@ -164,8 +164,18 @@ class Clones:
         p = self.pool
         if state == "Completed":
             p._op(["vset", job["dst"], "clone_job", None])
-        elif job["dst"] in self.meta.vdisks:
-            p._op(["vdel", job["dst"]])   # releases every page it shared
+        else:
+            # Until this end is durable, a crash resumes the job: the source pages it has
+            # not reached must keep their clone-point data, so no in-place writes to them
+            # (unstable, like a page whose refcount dropped) until the next commit.
+            src = self.meta.vdisks.get(job["src"])
+            done = self._done.get(job["id"], ())
+            if src is not None:
+                for pidx in range(job["cursor"], len(src.ptab)):
+                    if src.ptab[pidx] and pidx not in done:
+                        self.meta.unstable_pages.add(src.ptab[pidx])
+            if job["dst"] in self.meta.vdisks:
+                p._op(["vdel", job["dst"]])   # releases every page it shared
         p._op(["jset", job["id"], "state", state])
         p._op(["jset", job["id"], "ended_ns", time.time_ns()])
         if error:
