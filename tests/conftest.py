@@ -215,6 +215,16 @@ def need_loop(need_fuse):
 
 
 @pytest.fixture
+def pool(path):
+    """An open engine Pool (no FUSE) on the test module's ``path`` fixture (its geometry)."""
+    from vdiskfs.cow.pool import Pool
+    p = Pool(path)
+    yield p
+    if p._lock_fd >= 0:
+        p.close(commit=False)
+
+
+@pytest.fixture
 def pool_dir(tmp_path):
     """A pool directory; fsck'd at teardown if the test made a pool there."""
     path = str(tmp_path / "pool")

@@ -36,14 +36,6 @@ def path(tmp_path):
     return p
 
 
-@pytest.fixture
-def pool(path):
-    p = Pool(path)
-    yield p
-    if p._lock_fd >= 0:
-        p.close(commit=False)
-
-
 def check(pool: Pool) -> Report:
     """Every refcount equals its references (fsck's checks, in memory) and nalloc is right."""
     r = Report()

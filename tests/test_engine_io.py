@@ -10,20 +10,12 @@ import os
 
 import pytest
 
-from test_engine import CS, PE, check, pattern, read_all
+import test_engine
+from test_engine import CS, check, pattern, read_all
 
 from vdiskfs.cow import chunkstore
-from vdiskfs.cow.pool import Pool, create_pool
 
-
-@pytest.fixture
-def pool(tmp_path):
-    p = str(tmp_path / "pool")
-    create_pool(p, CS, page_entries=PE)
-    pool = Pool(p)
-    yield pool
-    if pool._lock_fd >= 0:
-        pool.close(commit=False)
+path = test_engine.path      # test_engine's geometry; conftest's ``pool`` opens it
 
 
 class Calls:

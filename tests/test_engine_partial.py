@@ -27,14 +27,6 @@ def path(tmp_path):
     return p
 
 
-@pytest.fixture
-def pool(path):
-    p = Pool(path)
-    yield p
-    if p._lock_fd >= 0:
-        p.close(commit=False)
-
-
 def shared_pair(pool: Pool, nchunks: int = 4):
     """A VDisk A with data and a clone B sharing all of it; returns (a, b, data)."""
     a = pool.create("A")

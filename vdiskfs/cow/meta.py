@@ -195,19 +195,27 @@ class Metadata:
         if old:
             self._page_decref(old)
 
-    def _eset(self, vid: int, cidx: int, slot: int) -> None:
+    def _entry(self, op: str, vid: int, cidx: int) -> tuple[VDisk, array, int]:
+        """The VDisk, its private page and the index in it of chunk ``cidx``."""
         vd = self._vd(vid)
         pidx, i = divmod(cidx, self.page_entries)
         pid = vd.ptab[pidx]
         if not pid or self.page_ref[pid] != 1:
-            raise FormatError(f"eset on a shared or missing page (VDisk {vid} chunk {cidx})")
-        page = self.pages[pid]
+            raise FormatError(f"{op} on a shared or missing page (VDisk {vid} chunk {cidx})")
+        return vd, self.pages[pid], i
+
+    def _take_slot(self, slot: int) -> None:
+        """A fresh slot gets its first reference."""
+        if not slot or (slot < len(self.slot_ref) and self.slot_ref[slot]):
+            raise FormatError(f"slot {slot} is in use")
+        self._grow(self.slot_ref, slot)
+        self.slot_ref[slot] = 1
+
+    def _eset(self, vid: int, cidx: int, slot: int) -> None:
+        vd, page, i = self._entry("eset", vid, cidx)
         old = page[i]
         if slot:
-            if slot < len(self.slot_ref) and self.slot_ref[slot]:
-                raise FormatError(f"slot {slot} is in use")
-            self._grow(self.slot_ref, slot)
-            self.slot_ref[slot] = 1
+            self._take_slot(slot)
             if not old:
                 vd.nalloc += 1
         elif old:
@@ -217,20 +225,12 @@ class Metadata:
             self._slot_decref(old)
 
     def _pset(self, vid: int, cidx: int, slot: int, base: int, mask: int) -> None:
-        vd = self._vd(vid)
-        pidx, i = divmod(cidx, self.page_entries)
-        pid = vd.ptab[pidx]
-        if not pid or self.page_ref[pid] != 1:
-            raise FormatError(f"pset on a shared or missing page (VDisk {vid} chunk {cidx})")
-        page = self.pages[pid]
+        _, page, i = self._entry("pset", vid, cidx)
         if not base or page[i] != base or base in self.partial:
             raise FormatError(f"pset: chunk {cidx} of VDisk {vid} is not at base {base}")
         if not 0 < mask < self.full_mask:
             raise FormatError(f"pset: bad block mask {mask:#x}")
-        if not slot or (slot < len(self.slot_ref) and self.slot_ref[slot]):
-            raise FormatError(f"slot {slot} is in use")
-        self._grow(self.slot_ref, slot)
-        self.slot_ref[slot] = 1
+        self._take_slot(slot)
         page[i] = slot
         self.partial[slot] = [base, mask]     # base keeps its reference: now the partial's
 
