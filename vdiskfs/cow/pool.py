@@ -175,16 +175,18 @@ class _Transaction:
 
 class Pool:
     def __init__(self, path: str, *, readonly: bool = False, sync_data: bool = True,
-                 salvage: bool = False):
+                 salvage: bool = False, store_class: type = ChunkStore):
         """Open an existing pool (see ``open_pool``/``create_pool``); takes the pool lock.
         ``salvage`` (fsck --repair only) replays the journal up to damage instead of
-        refusing the pool."""
+        refusing the pool. ``store_class`` makes the chunk store (a ChunkStore subclass:
+        the benchmark's sparse pool builder)."""
         self.path = os.path.abspath(path)
         self.readonly = readonly
         self.salvage = salvage
         self.sync_data = sync_data  # False only for the test that proves the fsync test fails
         self._lock_fd = -1
         self.store: ChunkStore | None = None
+        self.store_class = store_class
         self.journal = journal_mod.Journal(self.path, readonly=readonly)
         self._txn: list | None = None
         self.transaction = _Transaction(self)
@@ -237,7 +239,7 @@ class Pool:
             # fsck --repair: keep what replayed; the rest of the journal is cut below.
             self.salvage_error = str(e)
             self.journal.torn_bytes = os.fstat(self.journal.fd).st_size - self.journal.end
-        self.store = ChunkStore(os.path.join(self.path, layout.DATA), self.chunk_size,
+        self.store = self.store_class(os.path.join(self.path, layout.DATA), self.chunk_size,
                                 readonly=self.readonly)
         self._rebuild_free_lists()
         self.clones = Clones(self)
