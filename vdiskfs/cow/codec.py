@@ -1,19 +1,9 @@
-"""The one place where bytes on disk are made and read.
+"""The one place where bytes on disk are made and read: msgpack with fixed options, CRC32
+frames, format versions, array blobs.
 
-Every metadata file of a pool is built from *frames*:
-
-    frame   = header payload
-    header  = struct '<4sII': magic b"VDF1", payload length, CRC32 of the payload
-    payload = msgpack, always packed and unpacked here with fixed options
-
-A frame whose header is short or wrong, whose payload is short, or whose CRC does not match
-is *bad*. At the end of the journal that is a torn append (see journal.py for how a torn
-tail is told from corruption: the magic lets a reader find the frames after a bad one); a
-checkpoint or pool header with a bad frame is corrupt.
-
-Records are msgpack maps carrying their kind and format version, so a future format can
-migrate them or refuse them by name instead of misreading them. Large integer arrays travel
-as little-endian ``bin`` blobs (array.array.tobytes), never as msgpack lists.
+What the frames and records mean is documented once, in docs/FORMAT.md. Everything that
+decodes metadata goes through ``unpackb`` here, which turns every decoding failure into
+``FormatError`` (msgpack raises several exception types), so callers catch one thing.
 """
 
 from __future__ import annotations
@@ -26,10 +16,8 @@ from typing import Any, Iterator
 
 import msgpack
 
-#: Version of every record this code writes. Bump it (and teach ``check_version``
-#: a migration) whenever a record's meaning changes.
-#: 1: the first format. 2: partial slots (ops pset/pmask, the checkpoint's "partial");
-#: a version 1 record reads as it is (no partial slots).
+#: Version of every record this code writes; the history is in docs/FORMAT.md. Bump it
+#: (and teach ``check_version`` a migration) whenever a record's meaning changes.
 FORMAT_VERSION = 2
 
 FRAME_MAGIC = b"VDF1"
@@ -45,8 +33,20 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpackb(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+def unpackb(data: bytes, what: str = "record") -> Any:
+    """Decode msgpack; any failure is a ``FormatError`` naming ``what``."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+    except Exception as e:   # ExtraData, FormatError, StackError, ValueError, ...
+        raise FormatError(f"{what}: undecodable ({type(e).__name__}: {e})") from None
+
+
+def unpack_map(data: bytes, what: str) -> dict:
+    """Decode a record that must be a msgpack map."""
+    rec = unpackb(data, what)
+    if not isinstance(rec, dict):
+        raise FormatError(f"{what}: record is not a map")
+    return rec
 
 
 def frame(payload: bytes) -> bytes:
@@ -106,13 +106,7 @@ def read_single_record(data: bytes, what: str) -> dict:
     for payload, end in iter_frames(data):
         if end != len(data):
             raise FormatError(f"{what}: trailing bytes after the record")
-        try:
-            rec = unpackb(payload)
-        except Exception as e:  # msgpack raises several types
-            raise FormatError(f"{what}: undecodable record ({e})") from None
-        if not isinstance(rec, dict):
-            raise FormatError(f"{what}: record is not a map")
-        return rec
+        return unpack_map(payload, what)
     raise FormatError(f"{what}: torn or corrupt (CRC mismatch or truncated)")
 
 

@@ -1,4 +1,5 @@
-"""The metadata journal: framed transaction records appended after the checkpoint.
+"""The metadata journal: framed transaction records appended after the checkpoint
+(file format: docs/FORMAT.md).
 
 Transactions are framed into an in-memory buffer as they happen and reach the file only in
 a commit, after the chunk data they point at has been synced (invariant 1). A commit
@@ -75,12 +76,7 @@ class Journal:
         if first is None:
             raise FormatError(f"{self.path}: journal header is torn or missing")
         payload, self.end = first
-        try:
-            head = codec.unpackb(payload)
-        except Exception as e:
-            raise FormatError(f"{self.path}: undecodable journal header ({e})") from None
-        if not isinstance(head, dict):
-            raise FormatError(f"{self.path}: journal header is not a map")
+        head = codec.unpack_map(payload, f"{self.path}: journal header")
         codec.check_version(head, "journal", self.path)
         self.gen = head.get("gen")
         if self.gen != expect_gen:
@@ -125,13 +121,8 @@ class Journal:
         self.torn_bytes = size - self.end
 
     def _decode(self, payload: bytes, pos: int) -> dict:
-        try:
-            rec = codec.unpackb(payload)
-        except Exception as e:
-            raise FormatError(f"{self.path}: record at byte {pos} is undecodable ({e}) "
-                              "although its checksum matches") from None
-        if not isinstance(rec, dict):
-            raise FormatError(f"{self.path}: record at byte {pos} is not a map")
+        rec = codec.unpack_map(payload, f"{self.path}: record at byte {pos} (checksum "
+                                        "matches)")
         if rec.get("kind") not in ("txn", "commit"):
             raise FormatError(f"{self.path}: unexpected {rec.get('kind')!r} record at "
                               f"byte {pos}")
@@ -210,6 +201,6 @@ class Journal:
 def _is_commit(payload: bytes) -> bool:
     try:
         rec = codec.unpackb(payload)
-    except Exception:
+    except FormatError:
         return False
     return isinstance(rec, dict) and rec.get("kind") == "commit"
