@@ -195,8 +195,8 @@ def test_half_made_clone_without_its_job_is_removed(pool_dir):
     p.write(a, 0, b"z" * (8 * SPAN))
     job = p.clones.start("A", "B")
     p.clones.step(job, 1)
-    with p.transaction:                       # lose the job, keep the unfinished mark
-        p._op(["jdel", job["id"]])
+    with p.txn:                       # lose the job, keep the unfinished mark
+        p.txn.apply(["jdel", job.id])
     p.checkpoint()
     p.close(commit=False)
     fsck_fails(pool_dir, "unfinished clone")

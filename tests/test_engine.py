@@ -19,7 +19,7 @@ from conftest import journal_frames
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.codec import FormatError
 from vdiskfs.cow.errors import PoolBusy, VDiskError
-from vdiskfs.cow.fsck import Report, check_page_refs, check_slot_refs, check_vdisks, fsck
+from vdiskfs.cow.fsck import Report, check_pool, fsck
 from vdiskfs.cow.meta import Metadata
 from vdiskfs.cow.pool import Pool, create_pool
 
@@ -37,20 +37,10 @@ def path(tmp_path):
 
 
 def check(pool: Pool) -> Report:
-    """Every refcount equals its references (fsck's checks, in memory) and nalloc is right."""
-    r = Report()
-    m = pool.meta
-    check_vdisks(m, r)
-    check_page_refs(m, r)
-    check_slot_refs(m, os.fstat(pool.store.fd).st_size, r)
-    assert not r.errors, r.errors
-    for vd in m.vdisks.values():
-        mapped = sum(PE - m.pages[pid].count(0) for pid in vd.ptab if pid)
-        assert vd.nalloc == mapped, f"{vd.name}: nalloc {vd.nalloc} != {mapped} mapped"
-    # No slot is handed out twice and no free-listed slot is in use.
-    for s in pool.free_slots:
-        assert s >= len(m.slot_ref) or m.slot_ref[s] == 0, f"free slot {s} is in use"
-    assert len(set(pool.free_slots)) == len(pool.free_slots)
+    """Every invariant fsck checks, on the live pool (refcounts, partial slots, clone jobs,
+    nalloc, the space map)."""
+    r = check_pool(pool)
+    assert r.clean, r.errors
     return r
 
 
@@ -473,12 +463,12 @@ def test_freed_slot_not_reused_before_commit(pool):
     pool.sync()
     pool.write(vd, 0, bytes(CS))                    # frees s0 in an uncommitted transaction
     assert slot(pool, vd, 0) == 0
-    assert s0 in m.freed_slots and s0 not in pool.free_slots
+    assert s0 in pool.space.freed_slots and s0 not in pool.space.free_slots
     assert m.slot_ref[s0] == 0
     pool.write(vd, CS, b"\x02" * CS)
     assert slot(pool, vd, 1) != s0                   # not handed out yet
     pool.sync()
-    assert s0 in pool.free_slots and not m.freed_slots
+    assert s0 in pool.space.free_slots and not pool.space.freed_slots
     pool.write(vd, 2 * CS, b"\x03" * 100)           # partial write into a reused slot
     assert slot(pool, vd, 2) == s0                   # reused after the commit
     # The reused slot held 0x01 bytes: the rest of the chunk must read as zeros.
@@ -494,7 +484,7 @@ def test_truncate_frees_are_deferred_too(pool):
     pool.sync()
     pool.truncate(vd, CS)
     freed = old - {slot(pool, vd, 0)}
-    assert freed and freed <= set(pool.meta.freed_slots)
+    assert freed and freed <= set(pool.space.freed_slots)
     pool.write(vd, 5 * CS, pattern(3 * CS, 9))
     assert not freed & {slot(pool, vd, c) for c in range(5, 8)}
     pool.sync()
@@ -514,10 +504,10 @@ def test_unstable_slot_is_not_overwritten_in_place(pool):
     s0 = slot(pool, a, 0)
     pool.unlink(pool.lookup("B"))
     assert pool.meta.page_ref[a.ptab[0]] == 1 and pool.meta.slot_ref[s0] == 1
-    assert not pool.meta.exclusive(a.ptab[0], s0)
+    assert not pool.data.in_place(a.ptab[0], s0)
     pool.write(a, 10, b"NEW")
     assert slot(pool, a, 0) != s0                    # copy-on-write, not in place
-    assert s0 in pool.meta.freed_slots
+    assert s0 in pool.space.freed_slots
     check(pool)
 
     # Crash before the commit: B is back, untouched; A holds what was durable.
@@ -566,7 +556,7 @@ def test_unstable_page_after_unlink_of_clone(pool):
     pid = a.ptab[0]
     assert pool.meta.page_ref[pid] == 2
     pool.unlink(b)
-    assert pool.meta.page_ref[pid] == 1 and pid in pool.meta.unstable_pages
+    assert pool.meta.page_ref[pid] == 1 and pid in pool.space.unstable_pages
     s0 = slot(pool, a, 0)
     pool.write(a, 0, b"zz")
     assert slot(pool, a, 0) != s0
@@ -611,7 +601,7 @@ def test_unstable_slot_not_overwritten_while_commit_in_flight(pool, end):
     pool.unlink(pool.lookup("B"))
     s0 = slot(pool, a, 0)
     batch = pool.prepare_commit()           # holds the unlink of B
-    assert not pool.meta.exclusive(a.ptab[0], s0)
+    assert not pool.data.in_place(a.ptab[0], s0)
     pool.write(a, 0, b"NEW")
     assert slot(pool, a, 0) != s0           # copy-on-write, not in place
     want = b"NEW" + orig[3:]
@@ -627,9 +617,9 @@ def test_unstable_slot_not_overwritten_while_commit_in_flight(pool, end):
         return
     batch.run()
     batch.finish()
-    assert s0 not in pool.free_slots          # freed by the later write: next commit
+    assert s0 not in pool.space.free_slots          # freed by the later write: next commit
     pool.sync()
-    assert s0 in pool.free_slots
+    assert s0 in pool.space.free_slots
     s1 = slot(pool, a, 0)
     pool.write(a, 5, b"!")                  # now stable: in place
     assert slot(pool, a, 0) == s1
@@ -1197,12 +1187,12 @@ def test_clone_job_is_point_in_time_while_source_changes(pool):
     slots0 = pool.meta.slots_in_use()
     job = pool.clones.start("A", "B")
     b = pool.lookup("B")
-    assert job["state"] == "running" and job["total"] == 4
+    assert job.state == "running" and job.total == 4
     assert pool.clones.unfinished(b) and pool.clones.busy_source(a)
     assert b.size == a.size
     model = bytearray(data)
     rnd = random.Random(3)
-    while job["state"] == "running":
+    while job.state == "running":
         # Change the source around the job's cursor: before, at and after it.
         for _ in range(3):
             off = rnd.randrange(0, 6 * SPAN)
@@ -1214,7 +1204,7 @@ def test_clone_job_is_point_in_time_while_source_changes(pool):
         pool.clones.step(job, 1)
         check(pool)
         assert 0 <= pool.clones.percent(job) <= 99
-    assert job["state"] == "Completed" and job["progress"] <= job["total"]
+    assert job.state == "Completed" and job.progress <= job.total
     assert not pool.clones.unfinished(b) and not pool.clones.busy_source(a)
     assert read_all(pool, b) == snap
     assert read_all(pool, a) == model
@@ -1237,7 +1227,7 @@ def test_clone_job_shares_pages_without_copying(pool):
     slots0 = pool.meta.slots_in_use()
     job = pool.clones.start("A", "B")
     pool.clones.step(job, 64)
-    assert job["state"] == "Completed"
+    assert job.state == "Completed"
     b = pool.lookup("B")
     assert list(b.ptab) == list(a.ptab)
     assert all(pool.meta.page_ref[pid] == 2 for pid in a.ptab if pid)
@@ -1253,7 +1243,7 @@ def test_clone_job_source_truncated_during_job(pool):
     pool.truncate(a, SPAN + 100)                   # drops pages the job has not reached
     pool.truncate(a, 7 * SPAN)                     # and grows past the clone's size
     pool.write(a, 6 * SPAN, b"new")
-    while job["state"] == "running":
+    while job.state == "running":
         pool.clones.step(job, 1)
     assert read_all(pool, pool.lookup("B")) == data
     want = bytearray(data[:SPAN + 100]) + bytes(7 * SPAN - SPAN - 100)
@@ -1269,7 +1259,7 @@ def test_clone_job_resumes_after_crash(path):
     p.clones.step(job, 1)
     p.write(a, 3 * SPAN + 5, b"after the clone point")    # guarded: shares page 3 first
     p.sync()
-    cursor = job["cursor"]
+    cursor = job.cursor
     p.clones.step(job, 1)                               # not durable: redone after the crash
     crash(p)
     r = fsck(path)
@@ -1278,12 +1268,12 @@ def test_clone_job_resumes_after_crash(path):
     p2 = Pool(path)
     try:
         (job,) = p2.clones.running()
-        assert job["cursor"] == cursor and 3 in job["done"]
+        assert job.cursor == cursor and 3 in job.done
         b = p2.lookup("B")
         assert p2.clones.unfinished(b)
         a = p2.lookup("A")
         p2.write(a, 4 * SPAN, b"more after")
-        while job["state"] == "running":
+        while job.state == "running":
             p2.clones.step(job, 1)
         assert read_all(p2, b) == data
         want = bytearray(data)
@@ -1321,7 +1311,7 @@ def test_clone_job_cancel_releases_everything(pool):
         pool.clones.cancel_from("nope")
     assert ei.value.errno == errno.ENOENT
     (cancelled,) = pool.clones.cancel_from("A")
-    assert cancelled["state"] == "Cancelled" and job["state"] == "Cancelled"
+    assert cancelled.state == "Cancelled" and job.state == "Cancelled"
     assert pool.lookup("B") is None and not pool.clones.busy_source(a)
     # Everything the clone held is released: A's new chunk replaced the old one, which
     # only the clone's copy of page 4 still named.
@@ -1331,7 +1321,7 @@ def test_clone_job_cancel_releases_everything(pool):
     data[4 * SPAN] = ord("x")
     assert read_all(pool, a) == data
     # The row stays until purged; the name is free again.
-    assert [j["state"] for j in pool.clones.jobs()] == ["Cancelled"]
+    assert [j.state for j in pool.clones.jobs()] == ["Cancelled"]
     assert pool.clones.purge() == 1 and not pool.clones.jobs()
     job2 = pool.clones.start("A", "B")
     pool.clones.step(job2, 64)
@@ -1362,7 +1352,7 @@ def test_a_cancel_lost_in_a_crash_leaves_the_clone_point_intact(path):
 def test_clone_job_of_empty_source_completes_at_once(pool):
     pool.create("A", 10 * SPAN)
     job = pool.clones.start("A", "B")
-    assert job["state"] == "Completed"
+    assert job.state == "Completed"
     b = pool.lookup("B")
     assert not pool.clones.unfinished(b) and b.size == 10 * SPAN and b.nalloc == 0
 
@@ -1399,9 +1389,9 @@ def test_clone_job_refusals(pool):
     # A second clone of the same source may run at the same time.
     job2 = pool.clones.start("A", "D")
     pool.write(a, 0, b"changed")
-    while job["state"] == "running" or job2["state"] == "running":
+    while job.state == "running" or job2.state == "running":
         for j in (job, job2):
-            if j["state"] == "running":
+            if j.state == "running":
                 pool.clones.step(j, 1)
     assert read_all(pool, b) == read_all(pool, pool.lookup("D"))
     assert read_all(pool, b)[:7] != b"changed"
@@ -1413,8 +1403,8 @@ def test_fsck_reports_unfinished_clone_without_job(path):
     p = Pool(path)
     _source(p)
     job = p.clones.start("A", "B")
-    with p.transaction:
-        p._op(["jset", job["id"], "state", "Error"])   # the job is gone, the mark is not
+    with p.txn:
+        p.txn.apply(["jset", job.id, "state", "Error"])   # the job is gone, the mark is not
     p.checkpoint()
     p.close(commit=False)
     r = fsck(path)
@@ -1483,7 +1473,7 @@ class Model:
         got = {vd.vid: (vd.name, vd.size) for vd in pool.vdisks() if vd.vid not in unfinished}
         assert got == {vid: (n, len(d)) for vid, (n, d) in self.durable.items()}
         assert unfinished == {vid: n for vid, (n, _) in self.durable_pending.items()}
-        assert {j["dst"] for j in pool.clones.running()} == set(unfinished)
+        assert {j.dst for j in pool.clones.running()} == set(unfinished)
         for vid, (name, data) in self.durable.items():
             vd = pool.get(vid)
             for c in range(pool.meta.chunks_for(vd.size)):
@@ -1585,8 +1575,8 @@ def run_random(path: str, seed: int, steps: int, *, inflight: bool,
     def job_step():
         job = rnd.choice(pool.clones.running())
         pool.clones.step(job, rnd.choice([1, 1, 2, 64]))
-        if job["state"] == "Completed":
-            name = job["dst_name"]
+        if job.state == "Completed":
+            name = job.dst_name
             vd = pool.lookup(name)
             assert not pool.clones.unfinished(vd)
             want = model.pending.pop(name)
@@ -1646,11 +1636,11 @@ def run_random(path: str, seed: int, steps: int, *, inflight: bool,
                 op = "job cancel"
                 job = rnd.choice(pool.clones.running())
                 pool.clones.stop(job)
-                del model.pending[job["dst_name"]]
-                assert pool.lookup(job["dst_name"]) is None
+                del model.pending[job.dst_name]
+                assert pool.lookup(job.dst_name) is None
                 if rnd.random() < 0.5:
                     pool.clones.purge()
-                    assert not [j for j in pool.clones.jobs() if j["state"] != "running"]
+                    assert not [j for j in pool.clones.jobs() if j.state != "running"]
             elif r < 0.80:
                 op = "unlink"
                 name = rnd.choice(names_ + sorted(model.pending))
@@ -1685,7 +1675,7 @@ def run_random(path: str, seed: int, steps: int, *, inflight: bool,
             elif r < 0.90 and not (inflight and rnd.random() < 0.6):
                 op = "sync"
                 pool.sync()
-                assert not pool.meta.freed_slots and not pool.journal.buffer
+                assert not pool.space.freed_slots and not pool.journal.buffer
                 model.made_durable(pool)
             elif 0.90 <= r < 0.92:
                 op = "checkpoint"

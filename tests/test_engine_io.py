@@ -70,7 +70,7 @@ def test_enospc_maps_nothing_and_gives_the_slots_back(pool, monkeypatch, step):
     pool.write(vd, 0, pattern(2 * CS, 1))
     pool.sync()
     before = dict(pool.meta.vdisks[vd.vid].props)
-    nalloc, next_slot = vd.nalloc, pool.next_slot
+    nalloc, next_slot = vd.nalloc, pool.space.next_slot
     target = Calls(chunkstore.fallocate if step == "fallocate" else os.pwritev)
     target.fail = errno.ENOSPC
     if step == "fallocate":
@@ -85,7 +85,7 @@ def test_enospc_maps_nothing_and_gives_the_slots_back(pool, monkeypatch, step):
     check(pool)                                           # the slots are free again
     monkeypatch.undo()
     pool.write(vd, 4 * CS, pattern(3 * CS, 3))
-    assert pool.next_slot == next_slot + 3               # the retry reused the same three
+    assert pool.space.next_slot == next_slot + 3               # the retry reused the same three
     assert read_all(pool, vd)[4 * CS:7 * CS] == pattern(3 * CS, 3)
     assert pool.meta.vdisks[vd.vid].props["serial"] == before["serial"]
     check(pool)

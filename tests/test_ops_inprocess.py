@@ -146,7 +146,7 @@ async def test_concurrent_fsyncs_share_commits(ops):
     async with trio.open_nursery() as n:
         for fh in fhs:
             n.start_soon(ops.fsync, fh, True)
-    assert not ops.pool.journal.buffer and not ops.pool.is_dirty()
+    assert not ops.pool.journal.buffer and not ops.pool.commits.is_dirty()
     assert ops.syncer._done >= 1
     for fh in fhs:
         await ops.release(fh)

@@ -1,6 +1,6 @@
 """Chunk data: fixed-size slots in one sparse data file.
 
-The maps layer (pool.py) talks to this interface only in slots and offsets within a chunk:
+The data path (datapath.py) talks to this interface only in slots and offsets within a chunk:
 read into a buffer, write, sync, release. A later backend (objects in RADOS or S3) can
 implement the same calls with immutable objects and never-reused ids.
 """
@@ -140,6 +140,9 @@ class ChunkStore:
                 log.warning("punching freed slots %d-%d failed: %s", first, first + count - 1, e)
             else:
                 self.punched.update(range(first, first + count))
+
+    def file_size(self) -> int:
+        return os.fstat(self.fd).st_size
 
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512

@@ -9,67 +9,66 @@ a transaction that moves the cursor with the pages it shared, so after a crash t
 resumes exactly where its durable state says (pages below the cursor or in ``done`` are
 the destination's; all others still hold their data as of the clone's start).
 
-Job records live in ``Metadata.jobs`` (journaled with ops jnew/jset/jdone/jdel):
+Job records are ``records.Job`` in ``Metadata.jobs`` (ops jnew/jset/jdone/jdel;
+docs/FORMAT.md). The destination carries the prop ``clone_job`` = job id until the job
+completes: it cannot be opened until then.
 
-    {id, src, dst (vids), src_name, dst_name, state, cursor, done: [pidx, ...],
-     total (pages mapped at the start), progress (of those, pages shared so far),
-     bytes (data bytes mapped at the start), started_ns, ended_ns, error}
-
-``state`` is "running", "Completed", "Error" or "Cancelled". The destination carries the
-prop ``clone_job`` = job id until the job completes: it cannot be opened until then.
+Clones works through public interfaces only: the metadata's queries, the space map (to
+hold pages a cancel may still give back) and the transaction log it applies its ops to.
 """
 
 from __future__ import annotations
 
 import errno
 import time
-from typing import TYPE_CHECKING
 
-from . import names
+from . import names, props
+from .commit import Transactions
 from .errors import VDiskError
-from .meta import VDisk
+from .meta import Metadata, VDisk
+from .records import COMPLETED, FINISHED, RUNNING, Job
+from .space import Space
 
-if TYPE_CHECKING:
-    from .pool import Pool
-
-RUNNING = "running"
-FINISHED = ("Completed", "Error", "Cancelled")
+__all__ = ["Clones", "RUNNING", "FINISHED"]
 
 
 class Clones:
-    def __init__(self, pool: "Pool"):
-        self.pool = pool
-        self.meta = pool.meta
+    def __init__(self, meta: Metadata, space: Space, txn: Transactions, pool_uuid: str):
+        self.meta = meta
+        self.space = space
+        self.txn = txn
+        self.uuid = pool_uuid
         # source vid -> running jobs (the write path checks this dict first: O(1))
-        self.sources: dict[int, list[dict]] = {}
+        self.sources: dict[int, list[Job]] = {}
         self._done: dict[int, set[int]] = {}
-        for job in self.meta.jobs.values():
-            if job["state"] == RUNNING:
+        for job in meta.jobs.values():
+            if job.running:
                 self._track(job)
 
-    def _track(self, job: dict) -> None:
-        self.sources.setdefault(job["src"], []).append(job)
-        self._done[job["id"]] = set(job["done"])
+    def _track(self, job: Job) -> None:
+        self.sources.setdefault(job.src, []).append(job)
+        self._done[job.id] = set(job.done)
 
-    def _untrack(self, job: dict) -> None:
-        jobs = self.sources.get(job["src"], [])
+    def _untrack(self, job: Job) -> None:
+        jobs = self.sources.get(job.src, [])
         if job in jobs:
             jobs.remove(job)
             if not jobs:
-                del self.sources[job["src"]]
-        self._done.pop(job["id"], None)
+                del self.sources[job.src]
+        self._done.pop(job.id, None)
 
     # ------------------------------------------------------------ queries
-    def jobs(self) -> list[dict]:
+    def jobs(self) -> list[Job]:
         return list(self.meta.jobs.values())
 
-    def running(self) -> list[dict]:
-        return [j for j in self.meta.jobs.values() if j["state"] == RUNNING]
+    def running(self) -> list[Job]:
+        return [j for j in self.meta.jobs.values() if j.running]
 
-    def percent(self, job: dict) -> int:
-        if not job["total"]:
+    @staticmethod
+    def percent(job: Job) -> int:
+        if not job.total:
             return 0
-        return min(99, job["progress"] * 100 // job["total"])
+        return min(99, job.progress * 100 // job.total)
 
     def busy_source(self, vd: VDisk) -> bool:
         return vd.vid in self.sources
@@ -78,13 +77,20 @@ class Clones:
     def unfinished(vd: VDisk) -> bool:
         return vd.props.get("clone_job") is not None
 
+    def check_not_cloning(self, vd: VDisk) -> None:
+        """A clone source or an unfinished destination cannot go away or change shape."""
+        if self.busy_source(vd):
+            raise VDiskError(errno.EBUSY, f"{vd.name} has a clone in progress")
+        if self.unfinished(vd):
+            raise VDiskError(errno.EBUSY, f"{vd.name} is an unfinished clone")
+
     # ------------------------------------------------------------ start
     def check_start(self, src_name: str, dst_name: str) -> VDisk:
         """Refuse a clone that cannot start (SPEC §4 errnos); returns the source."""
-        self.pool._check_writable()
+        self.txn.check_writable()
         names.check(src_name)
         names.check(dst_name)
-        src = self.pool.lookup(src_name)
+        src = self.meta.by_name(src_name)
         if src is None:
             raise VDiskError(errno.ENOENT, f"no VDisk {src_name}")
         if dst_name in self.meta.names:
@@ -93,22 +99,20 @@ class Clones:
             raise VDiskError(errno.EBUSY, f"{src_name} is itself an unfinished clone")
         return src
 
-    def start(self, src_name: str, dst_name: str) -> dict:
+    def start(self, src_name: str, dst_name: str) -> Job:
         """Reserve ``dst_name`` and take the clone point (one transaction)."""
-        p, m = self.pool, self.meta
+        m = self.meta
         src = self.check_start(src_name, dst_name)
         jid = m.next_job
-        props = p.clone_props(src)
-        props["clone_job"] = jid
         vid = m.next_vid
+        dst_props = props.for_clone(self.uuid, vid, src.props)
+        dst_props["clone_job"] = jid
         total = sum(1 for pid in src.ptab if pid)
-        job = {"id": jid, "src": src.vid, "dst": vid, "src_name": src_name,
-               "dst_name": dst_name, "state": RUNNING, "cursor": 0, "done": [],
-               "total": total, "progress": 0, "bytes": src.nalloc * p.chunk_size,
-               "started_ns": time.time_ns(), "ended_ns": None, "error": None}
-        with p.transaction:
-            p._op(["vnew", vid, dst_name, src.size, props])
-            p._op(["jnew", job])
+        job = Job(id=jid, src=src.vid, dst=vid, src_name=src_name, dst_name=dst_name,
+                  total=total, bytes=src.nalloc * m.chunk_size, started_ns=time.time_ns())
+        with self.txn:
+            self.txn.apply(["vnew", vid, dst_name, src.size, dst_props])
+            self.txn.apply(["jnew", job.to_record()])
         job = m.jobs[jid]
         self._track(job)
         if total == 0:
@@ -116,16 +120,16 @@ class Clones:
         return job
 
     # ------------------------------------------------------------ work
-    def step(self, job: dict, max_pages: int) -> int:
+    def step(self, job: Job, max_pages: int) -> int:
         """Share up to ``max_pages`` more mapped pages; returns data bytes shared.
         Completes the job when the cursor reaches the end."""
-        p, m = self.pool, self.meta
-        src, dst = m.vdisks[job["src"]], m.vdisks[job["dst"]]
-        done = self._done[job["id"]]
+        m, txn = self.meta, self.txn
+        src, dst = m.vdisks[job.src], m.vdisks[job.dst]
+        done = self._done[job.id]
         end = len(dst.ptab)
-        pidx = job["cursor"]
+        pidx = job.cursor
         shared = pages = 0
-        with p.transaction:
+        with txn:
             while pidx < end and pages < max_pages:
                 if pidx in done or pidx >= len(src.ptab) or not src.ptab[pidx]:
                     pidx += 1
@@ -133,64 +137,64 @@ class Clones:
                 run = pidx   # a run of mapped, unhandled pages: one op
                 while (pidx < end and pidx < len(src.ptab) and src.ptab[pidx]
                        and pidx not in done and pages < max_pages):
-                    shared += m._nonzero(src.ptab[pidx])
+                    shared += m.mapped_in_page(src.ptab[pidx])
                     pages += 1
                     pidx += 1
-                p._op(["vshare", src.vid, dst.vid, run, pidx])
-            p._op(["jset", job["id"], "cursor", pidx])
+                txn.apply(["vshare", src.vid, dst.vid, run, pidx])
+            txn.apply(["jset", job.id, "cursor", pidx])
             if pages:
-                p._op(["jset", job["id"], "progress", job["progress"] + pages])
+                txn.apply(["jset", job.id, "progress", job.progress + pages])
             if pidx >= end:
-                self._finish(job, "Completed")
-        return shared * p.chunk_size
+                self._finish(job, COMPLETED)
+        return shared * m.chunk_size
 
     def guard(self, vd: VDisk, p0: int, p1: int) -> None:
         """Source pages [p0, p1) are about to change: give unreached ones to the clones
         first. Runs inside the caller's transaction."""
-        p = self.pool
+        txn = self.txn
         for job in self.sources.get(vd.vid, ()):
-            done = self._done[job["id"]]
-            dst = self.meta.vdisks[job["dst"]]
-            for pidx in range(max(p0, job["cursor"]), min(p1, len(dst.ptab))):
+            done = self._done[job.id]
+            dst = self.meta.vdisks[job.dst]
+            for pidx in range(max(p0, job.cursor), min(p1, len(dst.ptab))):
                 if pidx in done:
                     continue
                 if pidx < len(vd.ptab) and vd.ptab[pidx]:
-                    p._op(["vshare", vd.vid, dst.vid, pidx, pidx + 1])
-                    p._op(["jset", job["id"], "progress", job["progress"] + 1])
-                p._op(["jdone", job["id"], pidx])
+                    txn.apply(["vshare", vd.vid, dst.vid, pidx, pidx + 1])
+                    txn.apply(["jset", job.id, "progress", job.progress + 1])
+                txn.apply(["jdone", job.id, pidx])
                 done.add(pidx)
 
-    def _finish(self, job: dict, state: str, error: str | None = None) -> None:
-        p = self.pool
-        if state == "Completed":
-            p._op(["vset", job["dst"], "clone_job", None])
+    def _finish(self, job: Job, state: str, error: str | None = None) -> None:
+        txn = self.txn
+        if state == COMPLETED:
+            txn.apply(["vset", job.dst, "clone_job", None])
         else:
             # Until this end is durable, a crash resumes the job: the source pages it has
             # not reached must keep their clone-point data, so no in-place writes to them
             # (unstable, like a page whose refcount dropped) until the next commit.
-            src = self.meta.vdisks.get(job["src"])
-            done = self._done.get(job["id"], ())
+            src = self.meta.vdisks.get(job.src)
+            done = self._done.get(job.id, ())
             if src is not None:
-                for pidx in range(job["cursor"], len(src.ptab)):
+                for pidx in range(job.cursor, len(src.ptab)):
                     if src.ptab[pidx] and pidx not in done:
-                        self.meta.unstable_pages.add(src.ptab[pidx])
-            if job["dst"] in self.meta.vdisks:
-                p._op(["vdel", job["dst"]])   # releases every page it shared
-        p._op(["jset", job["id"], "state", state])
-        p._op(["jset", job["id"], "ended_ns", time.time_ns()])
+                        self.space.hold_page(src.ptab[pidx])
+            if job.dst in self.meta.vdisks:
+                txn.apply(["vdel", job.dst])   # releases every page it shared
+        txn.apply(["jset", job.id, "state", state])
+        txn.apply(["jset", job.id, "ended_ns", time.time_ns()])
         if error:
-            p._op(["jset", job["id"], "error", error])
+            txn.apply(["jset", job.id, "error", error])
         self._untrack(job)
 
-    def stop(self, job: dict, state: str = "Cancelled", error: str | None = None) -> None:
+    def stop(self, job: Job, state: str = "Cancelled", error: str | None = None) -> None:
         """Cancel (or fail) a running job: the destination and all it held go."""
-        if job["state"] != RUNNING:
+        if not job.running:
             return
-        with self.pool.transaction:
+        with self.txn:
             self._finish(job, state, error)
 
-    def cancel_from(self, src_name: str) -> list[dict]:
-        jobs = [j for j in self.running() if j["src_name"] == src_name]
+    def cancel_from(self, src_name: str) -> list[Job]:
+        jobs = [j for j in self.running() if j.src_name == src_name]
         if not jobs:
             raise VDiskError(errno.ENOENT, f"no clone in progress from {src_name}")
         for job in jobs:
@@ -198,9 +202,9 @@ class Clones:
         return jobs
 
     def purge(self) -> int:
-        gone = [j["id"] for j in self.meta.jobs.values() if j["state"] in FINISHED]
+        gone = [j.id for j in self.meta.jobs.values() if j.state in FINISHED]
         if gone:
-            with self.pool.transaction:
+            with self.txn:
                 for jid in gone:
-                    self.pool._op(["jdel", jid])
+                    self.txn.apply(["jdel", jid])
         return len(gone)

@@ -1,50 +1,27 @@
-"""The metadata state of a pool and the operations that change it.
+"""The persistent metadata of a pool and the operations that change it.
 
-Model (dm-thin style two-level sharing):
+Model (dm-thin style two-level sharing; the on-disk form is in docs/FORMAT.md):
 
 - A VDisk has a *page table* ``ptab``: ``array('Q')`` of page ids, one per PE chunks of its
   address space (PE = page_entries). Page id 0 means "no page: all holes".
 - A *page* is ``array('Q')`` of PE slot numbers. Slot 0 means "hole, reads zeros".
 - ``page_ref[pid]`` = number of page-table entries (over all VDisks) naming page pid.
 - ``slot_ref[s]``  = number of page entries (over all live pages) naming slot s, plus the
-  number of partial slots whose base it is. A slot is therefore shared between VDisks if
-  its page is shared *or* its refcount > 1.
+  number of partial slots whose base it is.
 - ``partial[s] = [base, mask]``: slot s holds only the blocks (chunk_size/64 each, at least
-  4 KiB) whose bit is set in mask; the other blocks are those of slot ``base``. This is how
-  a small write into a shared chunk avoids reading and copying the whole chunk (qcow2's
-  subclusters). A base is never itself partial.
+  4 KiB) whose bit is set in mask; the other blocks are those of slot ``base``. A base is
+  never itself partial.
+- ``jobs``: clone job records (records.Job).
 
-Every change to this state is an *op* (a short list, first element its name) applied by
-``apply``; the same method runs live and during journal replay, so replay cannot drift
-from what the daemon did. Ops carry every id the live code chose (new page ids, new slots),
-so they are deterministic. The ops:
+Every change to this state is an op (ops.py: the table of names and signatures) applied by
+``apply``; the same code runs live and during journal replay, so replay cannot drift from
+what the daemon did. Ops carry every id the live code chose (new page ids, new slots), so
+they are deterministic. Preconditions are checked even during replay: a journal that does
+not fit the checkpoint is reported as corrupt instead of being applied to the wrong state.
 
-    ["vnew",  vid, name, size, props]   create a VDisk (empty page table)
-    ["vset",  vid, key, value]          set "name" (None = unlinked, still open) or a prop
-    ["vsize", vid, size]                resize; drops pages wholly past the end
-    ["pcow",  vid, pidx, pid]           give ptab[pidx] a private page pid: a zero page if
-                                        there was none, else a copy of the shared page
-                                        (its slots gain a reference, the old page loses one)
-    ["eset",  vid, cidx, slot]          point chunk cidx (on a private page) at a fresh slot,
-                                        or at 0; the old slot loses a reference
-    ["pset",  vid, cidx, slot, base, mask]  point chunk cidx (on a private page), now at
-                                        slot ``base``, at a fresh *partial* slot holding only
-                                        the blocks in ``mask``; the others are read from
-                                        ``base``, whose reference moves from the map to the
-                                        partial (format 2)
-    ["pmask", slot, mask]               a partial slot now holds the blocks in ``mask`` (a
-                                        superset); all of them: it is whole, its base loses
-                                        the reference (format 2)
-    ["vshare", src, dst, p0, p1]        dst.ptab[p0:p1] = src.ptab[p0:p1], pages gain a
-                                        reference (the clone primitive)
-    ["vdel",  vid]                      delete a VDisk, releasing its pages
-    ["jnew",  job]                      add a clone job record (a map with an "id")
-    ["jset",  id, key, value]           update a field of a clone job
-    ["jdone", id, pidx]                 a clone job handled source page pidx early
-    ["jdel",  id]                       forget a finished clone job (purge)
-
-Preconditions are checked even during replay: a journal that does not fit the checkpoint
-is reported as corrupt instead of being applied to the wrong state.
+What is *not* here: which slots and page ids are free, and which may not be overwritten in
+place yet. That is derived state, owned by space.Space, which learns of every dropped
+reference through the ``drops`` listener.
 """
 
 from __future__ import annotations
@@ -52,8 +29,9 @@ from __future__ import annotations
 from array import array
 from typing import Any, Callable
 
-from . import codec
+from . import codec, ops, props as props_mod
 from .codec import FormatError
+from .records import Job
 
 
 class VDisk:
@@ -66,6 +44,16 @@ class VDisk:
         self.props = props
         self.ptab = ptab
         self.nalloc = 0  # chunks mapped (nonzero entries), kept for st_blocks
+
+
+class Drops:
+    """Told of every reference that goes away (space.Space listens; replay ignores it)."""
+
+    def slot(self, slot: int, freed: bool) -> None:
+        pass
+
+    def page(self, pid: int, freed: bool) -> None:
+        pass
 
 
 class Metadata:
@@ -81,24 +69,12 @@ class Metadata:
         self.partial: dict[int, list[int]] = {}   # slot -> [base slot, block mask]
         self.block_size = max(4096, chunk_size // 64)
         self.full_mask = (1 << (chunk_size // self.block_size)) - 1
-        self.jobs: dict[int, dict] = {}   # clone jobs, oldest first (see cow/clones.py)
+        self.jobs: dict[int, Job] = {}    # clone jobs, oldest first (see cow/clones.py)
         self.next_job = 1
-        # Filled by apply() as references drop; the live engine drains them at commit.
-        self.freed_slots: list[int] = []
-        self.freed_pids: list[int] = []
-        # Slots and pages whose refcount dropped since the last durable commit: their
-        # durable refcount may still be higher, so data must not be overwritten in place.
-        self.unstable_slots: set[int] = set()
-        self.unstable_pages: set[int] = set()
-        # The same sets of commits still running (their decrements are not durable yet).
-        self.inflight: list[tuple[set[int], set[int]]] = []
-        self._ops: dict[str, Callable[..., None]] = {
-            "vnew": self._vnew, "vset": self._vset, "vsize": self._vsize,
-            "pcow": self._pcow, "eset": self._eset, "vshare": self._vshare,
-            "pset": self._pset, "pmask": self._pmask,
-            "vdel": self._vdel, "jnew": self._jnew, "jset": self._jset,
-            "jdone": self._jdone, "jdel": self._jdel,
-        }
+        self.drops = Drops()
+        # Dispatch driven by the op table: handler _op_NAME for each op NAME.
+        self._handlers: dict[str, Callable[..., None]] = {
+            name: getattr(self, "_op_" + name) for name in ops.OPS}
 
     # ----------------------------------------------------------------- geometry
     def pages_for(self, size: int) -> int:
@@ -120,14 +96,15 @@ class Metadata:
         vid = self.names.get(name)
         return self.vdisks[vid] if vid is not None else None
 
+    def mapped_in_page(self, pid: int) -> int:
+        """How many chunks page ``pid`` maps."""
+        return self.page_entries - self.pages[pid].count(0)
+
     # ----------------------------------------------------------------- apply
     def apply(self, op: list) -> None:
+        name, args = ops.check(op)
         try:
-            fn = self._ops[op[0]]
-        except (KeyError, IndexError, TypeError):
-            raise FormatError(f"unknown metadata operation {op!r:.80}") from None
-        try:
-            fn(*op[1:])
+            self._handlers[name](*args)
         except FormatError:
             raise
         except (KeyError, IndexError, TypeError, ValueError, OverflowError) as e:
@@ -139,28 +116,39 @@ class Metadata:
             raise FormatError(f"no VDisk with id {vid}")
         return vd
 
-    def _vnew(self, vid: int, name: str, size: int, props: dict) -> None:
+    def _job(self, jid: int) -> Job:
+        job = self.jobs.get(jid)
+        if job is None:
+            raise FormatError(f"no clone job {jid}")
+        return job
+
+    def _op_vnew(self, vid: int, name: str, size: int, props: dict) -> None:
         if vid in self.vdisks or name in self.names:
             raise FormatError(f"VDisk {vid} ({name}) exists already")
+        if size < 0:
+            raise FormatError("negative size")
         vd = VDisk(vid, name, size, dict(props), array("Q", bytes(8 * self.pages_for(size))))
         self.vdisks[vid] = vd
         self.names[name] = vid
         self.next_vid = max(self.next_vid, vid + 1)
 
-    def _vset(self, vid: int, key: str, value: Any) -> None:
+    def _op_vset(self, vid: int, key: str, value: Any) -> None:
         vd = self._vd(vid)
         if key == "name":
-            if value is not None and self.names.get(value, vid) != vid:
-                raise FormatError(f"name {value} is taken")
+            if value is not None and (type(value) is not str
+                                      or self.names.get(value, vid) != vid):
+                raise FormatError(f"name {value!r:.70} is taken or not a name")
             if vd.name is not None:
                 del self.names[vd.name]
             vd.name = value
             if value is not None:
                 self.names[value] = vid
-        else:
+        elif key in props_mod.KEYS:
             vd.props[key] = value
+        else:
+            raise FormatError(f"unknown VDisk property {key!r:.40}")
 
-    def _vsize(self, vid: int, size: int) -> None:
+    def _op_vsize(self, vid: int, size: int) -> None:
         vd = self._vd(vid)
         if size < 0:
             raise FormatError("negative size")
@@ -168,20 +156,19 @@ class Metadata:
         while len(vd.ptab) > npages:
             pid = vd.ptab.pop()
             if pid:
-                vd.nalloc -= self._nonzero(pid)
+                vd.nalloc -= self.mapped_in_page(pid)
                 self._page_decref(pid)
         if len(vd.ptab) < npages:
             vd.ptab.extend(array("Q", bytes(8 * (npages - len(vd.ptab)))))
         vd.size = size
 
-    def _pcow(self, vid: int, pidx: int, pid: int) -> None:
+    def _op_pcow(self, vid: int, pidx: int, pid: int) -> None:
         vd = self._vd(vid)
         if pid <= 0 or (pid < len(self.page_ref) and self.page_ref[pid]):
             raise FormatError(f"page {pid} is in use")
         old = vd.ptab[pidx]
         if old:
-            src = self.pages[old]
-            page = array("Q", src)
+            page = array("Q", self.pages[old])
             slot_ref = self.slot_ref
             for s in page:
                 if s:
@@ -206,12 +193,12 @@ class Metadata:
 
     def _take_slot(self, slot: int) -> None:
         """A fresh slot gets its first reference."""
-        if not slot or (slot < len(self.slot_ref) and self.slot_ref[slot]):
+        if slot <= 0 or (slot < len(self.slot_ref) and self.slot_ref[slot]):
             raise FormatError(f"slot {slot} is in use")
         self._grow(self.slot_ref, slot)
         self.slot_ref[slot] = 1
 
-    def _eset(self, vid: int, cidx: int, slot: int) -> None:
+    def _op_eset(self, vid: int, cidx: int, slot: int) -> None:
         vd, page, i = self._entry("eset", vid, cidx)
         old = page[i]
         if slot:
@@ -224,7 +211,7 @@ class Metadata:
         if old:
             self._slot_decref(old)
 
-    def _pset(self, vid: int, cidx: int, slot: int, base: int, mask: int) -> None:
+    def _op_pset(self, vid: int, cidx: int, slot: int, base: int, mask: int) -> None:
         _, page, i = self._entry("pset", vid, cidx)
         if not base or page[i] != base or base in self.partial:
             raise FormatError(f"pset: chunk {cidx} of VDisk {vid} is not at base {base}")
@@ -234,7 +221,7 @@ class Metadata:
         page[i] = slot
         self.partial[slot] = [base, mask]     # base keeps its reference: now the partial's
 
-    def _pmask(self, slot: int, mask: int) -> None:
+    def _op_pmask(self, slot: int, mask: int) -> None:
         p = self.partial.get(slot)
         if p is None or mask & ~self.full_mask or p[1] & ~mask:
             raise FormatError(f"pmask {mask:#x} does not fit slot {slot}")
@@ -244,7 +231,7 @@ class Metadata:
         else:
             p[1] = mask
 
-    def _vshare(self, src: int, dst: int, p0: int, p1: int) -> None:
+    def _op_vshare(self, src: int, dst: int, p0: int, p1: int) -> None:
         s, d = self._vd(src), self._vd(dst)
         if p1 > len(s.ptab) or p1 > len(d.ptab) or p0 < 0 or p0 > p1:
             raise FormatError("vshare range out of bounds")
@@ -256,9 +243,9 @@ class Metadata:
             if pid:
                 page_ref[pid] += 1
                 d.ptab[pidx] = pid
-                d.nalloc += self._nonzero(pid)
+                d.nalloc += self.mapped_in_page(pid)
 
-    def _vdel(self, vid: int) -> None:
+    def _op_vdel(self, vid: int) -> None:
         vd = self._vd(vid)
         for pid in vd.ptab:
             if pid:
@@ -267,19 +254,23 @@ class Metadata:
             del self.names[vd.name]
         del self.vdisks[vid]
 
-    def _jnew(self, job: dict) -> None:
-        if job["id"] in self.jobs:
-            raise FormatError(f"clone job {job['id']} exists already")
-        self.jobs[job["id"]] = dict(job)
-        self.next_job = max(self.next_job, job["id"] + 1)
+    def _op_jnew(self, rec: dict) -> None:
+        job = Job.from_record(rec, "jnew")
+        if job.id in self.jobs:
+            raise FormatError(f"clone job {job.id} exists already")
+        self.jobs[job.id] = job
+        self.next_job = max(self.next_job, job.id + 1)
 
-    def _jset(self, jid: int, key: str, value: Any) -> None:
-        self.jobs[jid][key] = value
+    def _op_jset(self, jid: int, key: str, value: Any) -> None:
+        job = self._job(jid)
+        job.check_field(key, value)
+        setattr(job, key, value)
 
-    def _jdone(self, jid: int, pidx: int) -> None:
-        self.jobs[jid]["done"].append(pidx)
+    def _op_jdone(self, jid: int, pidx: int) -> None:
+        self._job(jid).done.append(pidx)
 
-    def _jdel(self, jid: int) -> None:
+    def _op_jdel(self, jid: int) -> None:
+        self._job(jid)
         del self.jobs[jid]
 
     # ----------------------------------------------------------------- refcounts
@@ -288,37 +279,23 @@ class Metadata:
         if idx >= len(a):
             a.extend(array(a.typecode, bytes(a.itemsize * (max(idx + 1, 2 * len(a)) - len(a)))))
 
-    def _nonzero(self, pid: int) -> int:
-        return self.page_entries - self.pages[pid].count(0)
-
     def _page_decref(self, pid: int) -> None:
         self.page_ref[pid] -= 1
-        self.unstable_pages.add(pid)
-        if self.page_ref[pid] == 0:
+        freed = self.page_ref[pid] == 0
+        self.drops.page(pid, freed)
+        if freed:
             for s in self.pages.pop(pid):
                 if s:
                     self._slot_decref(s)
-            self.freed_pids.append(pid)
 
     def _slot_decref(self, s: int) -> None:
         self.slot_ref[s] -= 1
-        self.unstable_slots.add(s)
-        if self.slot_ref[s] == 0:
-            self.freed_slots.append(s)
+        freed = self.slot_ref[s] == 0
+        self.drops.slot(s, freed)
+        if freed:
             p = self.partial.pop(s, None)
             if p is not None:
                 self._slot_decref(p[0])
-
-    def exclusive(self, pid: int, slot: int) -> bool:
-        """May the data of ``slot`` (on page ``pid``) be overwritten in place?"""
-        if self.page_ref[pid] != 1 or self.slot_ref[slot] != 1:
-            return False
-        if pid in self.unstable_pages or slot in self.unstable_slots:
-            return False
-        for slots, pages in self.inflight:
-            if pid in pages or slot in slots:
-                return False
-        return True
 
     # ----------------------------------------------------------------- figures
     def usage(self, vd: VDisk) -> tuple[int, int]:
@@ -335,6 +312,7 @@ class Metadata:
 
     # ----------------------------------------------------------------- (de)serialise
     def to_record(self, gen: int) -> dict:
+        """The checkpoint record (docs/FORMAT.md, "checkpoint")."""
         pids = array("Q", sorted(self.pages))
         blob = bytearray()
         for pid in pids:
@@ -348,7 +326,7 @@ class Metadata:
             "page_ids": codec.array_to_bin(pids), "pages": bytes(blob),
             "page_ref": codec.array_to_bin(self.page_ref),
             "slot_ref": codec.array_to_bin(self.slot_ref),
-            "jobs": list(self.jobs.values()),
+            "jobs": [job.to_record() for job in self.jobs.values()],
             "partial": [[s, b, m] for s, (b, m) in sorted(self.partial.items())],
         }
 
@@ -375,12 +353,13 @@ class Metadata:
                     raise FormatError(f"{what}: VDisk {vd.vid} page table has the wrong length")
                 for pid in vd.ptab:
                     if pid:
-                        vd.nalloc += m._nonzero(pid)
+                        vd.nalloc += m.mapped_in_page(pid)
                 m.vdisks[vd.vid] = vd
                 if vd.name is not None:
                     m.names[vd.name] = vd.vid
-            for job in rec["jobs"]:
-                m.jobs[job["id"]] = job
+            for n, job in enumerate(rec["jobs"]):
+                j = Job.from_record(job, f"{what}: clone job #{n}")
+                m.jobs[j.id] = j
             for s, b, mask in rec.get("partial", ()):     # format 2
                 m.partial[int(s)] = [int(b), int(mask)]
         except FormatError:

@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from ..cow.clones import RUNNING
+from ..cow.records import COMPLETED, ERROR, Job
 from ..cow.pool import Pool
 from . import status
 from .commands import Command
@@ -43,8 +43,8 @@ class JobRunner:
         """Start serving; resume the jobs a previous mount left running."""
         self.nursery = nursery
         for job in self.pool.clones.running():
-            log.info("resuming clone %s -> %s at page %d", job["src_name"], job["dst_name"],
-                     job["cursor"])
+            log.info("resuming clone %s -> %s at page %d", job.src_name, job.dst_name,
+                     job.cursor)
             nursery.start_soon(self._run, job)
 
     async def execute(self, cmd: Command,
@@ -55,68 +55,68 @@ class JobRunner:
             clones.purge()
             await self.sync()
         elif cmd.action == "cancel":
-            shown = {j["id"]: f"{clones.percent(j)}%" for j in clones.running()}
+            shown = {j.id: f"{clones.percent(j)}%" for j in clones.running()}
             jobs = clones.cancel_from(cmd.src)
             for job in jobs:
-                self.unsettled[job["id"]] = shown[job["id"]]
+                self.unsettled[job.id] = shown[job.id]
             try:
                 await self.sync()
             finally:
                 for job in jobs:
-                    self.unsettled.pop(job["id"], None)
+                    self.unsettled.pop(job.id, None)
             for job in jobs:
-                await self.on_removed(job["dst_name"], job["dst"])
+                await self.on_removed(job.dst_name, job.dst)
         else:
             # Refuse early (nothing flushed for a bad command), then flush the source's
             # dirty pages out of the kernel so the clone point includes them.
             clones.check_start(cmd.src, cmd.dst)
             await flush(cmd.src)
             job = clones.start(cmd.src, cmd.dst)
-            log.info("clone %s -> %s started (%d pages)", cmd.src, cmd.dst, job["total"])
-            if job["state"] == RUNNING and not self.speed and job["total"] <= BATCH_PAGES:
+            log.info("clone %s -> %s started (%d pages)", cmd.src, cmd.dst, job.total)
+            if job.running and not self.speed and job.total <= BATCH_PAGES:
                 try:
                     clones.step(job, BATCH_PAGES)   # a step's work: start and end in one commit
                 except Exception:
                     log.exception("clone %s -> %s: first step failed; the job retries it",
                                   cmd.src, cmd.dst)
-            if job["state"] == RUNNING:
+            if job.running:
                 assert self.nursery is not None
                 self.nursery.start_soon(self._run, job)
                 await self.sync()
             else:
                 await self._settle(job)
 
-    async def _run(self, job: dict) -> None:
+    async def _run(self, job: Job) -> None:
         clones = self.pool.clones
         try:
-            while job["state"] == RUNNING:
+            while job.running:
                 shared = clones.step(job, 1 if self.speed else BATCH_PAGES)
-                if job["state"] != RUNNING:
+                if not job.running:
                     break
                 await trio.sleep(shared / self.speed if self.speed else 0)
             await self._settle(job)
         except trio.Cancelled:
             raise   # unmount: the job stays "running" in the metadata and resumes
         except Exception as e:
-            log.exception("clone %s -> %s failed", job["src_name"], job["dst_name"])
-            if job["state"] == RUNNING:
-                clones.stop(job, "Error", str(e))
-                await self.on_removed(job["dst_name"], job["dst"])
+            log.exception("clone %s -> %s failed", job.src_name, job.dst_name)
+            if job.running:
+                clones.stop(job, ERROR, str(e))
+                await self.on_removed(job.dst_name, job.dst)
 
-    async def _settle(self, job: dict) -> None:
+    async def _settle(self, job: Job) -> None:
         """A job that ended Completed shows 99% until that is durable."""
-        if job["state"] != "Completed":
+        if job.state != COMPLETED:
             return
-        self.unsettled[job["id"]] = "99%"
+        self.unsettled[job.id] = "99%"
         try:
             await self.sync()
         finally:
-            self.unsettled.pop(job["id"], None)
-        log.info("clone %s -> %s completed", job["src_name"], job["dst_name"])
+            self.unsettled.pop(job.id, None)
+        log.info("clone %s -> %s completed", job.src_name, job.dst_name)
 
     def settling(self, vid: int) -> bool:
         """Is ``vid`` the destination of a clone whose completion is not durable yet?"""
-        return any(self.pool.meta.jobs[jid]["dst"] == vid for jid in self.unsettled
+        return any(self.pool.meta.jobs[jid].dst == vid for jid in self.unsettled
                    if jid in self.pool.meta.jobs)
 
     def render(self, extended: bool = False) -> bytes:

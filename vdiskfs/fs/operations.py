@@ -391,7 +391,7 @@ class Operations(pyfuse3.Operations):
         except OSError as e:
             # Space freed by a delete comes back only once that delete is durable: make it
             # so and try once more before telling the writer the disk is full.
-            if e.errno != errno.ENOSPC or not self.pool.frees_pending():
+            if e.errno != errno.ENOSPC or not self.pool.space.frees_pending():
                 raise
             await self.syncer.sync()
             return self.pool.write(h.vd, off, buf)

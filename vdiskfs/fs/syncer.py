@@ -27,7 +27,7 @@ class Syncer:
         async with self._lock:
             if self._done >= need:
                 return   # somebody else's commit began after we were called: it covers us
-            if self.pool.wants_checkpoint():
+            if self.pool.commits.wants_checkpoint():
                 try:
                     await self._commit(checkpoint=True)
                     return
@@ -43,7 +43,7 @@ class Syncer:
         self._started += 1
         n = self._started
         pool = self.pool
-        batch = pool.prepare_checkpoint() if checkpoint else pool.prepare_commit()
+        batch = pool.commits.prepare(checkpoint)
         try:
             await trio.to_thread.run_sync(batch.run)
         except BaseException:
@@ -55,7 +55,7 @@ class Syncer:
     async def run_periodic(self) -> None:
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            if self.pool.is_dirty():
+            if self.pool.commits.is_dirty():
                 try:
                     await self.sync()
                 except OSError as e:
