@@ -205,7 +205,7 @@ def cmd_clone(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from .cow.fsck import fsck, repair
+    from .cow.fsck import Severity, fsck, repair
     logging.getLogger("vdiskfs").setLevel(logging.ERROR)   # the report says it all
     if not os.path.exists(os.path.join(args.pool, layout.HEADER)):
         raise UserError(f"{args.pool} is not a vdiskfs pool")
@@ -213,10 +213,9 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         report = (repair if args.repair else fsck)(args.pool)
     except PoolBusy as e:
         raise UserError(f"{e}: unmount it first") from None
-    for note in report.notes:
-        print(f"note: {note}")
-    for err in report.errors:
-        print(f"error: {err}")
+    for f in report.findings:   # INFO is a note; LEAK, ERROR, LOST are problems
+        label = "note" if f.severity == Severity.INFO else f.severity.name.lower()
+        print(f"{label}: {f.text}")
     stats = " ".join(f"{k}={v}" for k, v in report.stats.items())
     if report.clean:
         print(f"{args.pool}: {'repaired' if args.repair else 'clean'} ({stats})")
