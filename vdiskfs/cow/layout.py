@@ -1,32 +1,5 @@
-"""Pool directory layout and the records stored in it (format version 2; see
-codec.FORMAT_VERSION for what changed).
-
-A pool is a directory::
-
-    POOL/vdiskfs-pool    pool header: one frame, record kind "pool"
-                         {kind, v, chunk_size, page_entries, uuid, created_ns}
-                         written once at creation, never changed
-    POOL/lock            flock()ed by the daemon (or fsck) that has the pool open;
-                         holds that process's pid for error messages
-    POOL/data            chunk slots: slot s is bytes [s*chunk_size, (s+1)*chunk_size);
-                         slot 0 is never used (a map entry 0 means "hole, reads zeros")
-    POOL/checkpoint      one frame, record kind "checkpoint": the whole metadata state
-                         (see meta.Metadata.to_record) at journal generation ``gen``;
-                         from version 2 with "partial": [[slot, base, mask], ...]
-    POOL/journal         a frame of kind "journal" {gen} then one frame per transaction
-                         {kind: "txn", v, ops: [op, ...]} (ops: see meta.Metadata.apply)
-    POOL/daemon.log      the mount daemon's log
-
-Mount = read header, load checkpoint (generation G), replay journal frames in order if the
-journal's header says generation G, stopping at the first torn frame (the torn tail is cut
-off). A journal of another generation is left over from before the checkpoint that
-superseded it and is ignored.
-
-A checkpoint is written to ``checkpoint.tmp``, fsynced, renamed over ``checkpoint``, then a
-fresh journal of generation G+1 replaces the old one the same way; the directory is fsynced
-after each rename. A crash at any point leaves either (old checkpoint, old journal) or
-(new checkpoint, any journal: ignored unless generation G+1).
-"""
+"""The pool directory: its file names, the pool header record, atomic file replacement
+and the chunk-size rule. What each file holds is documented in docs/FORMAT.md."""
 
 from __future__ import annotations
 
