@@ -69,6 +69,7 @@ from dataclasses import asdict, dataclass, field
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
+from vdiskfs.cow import layout  # noqa: E402
 from vdiskfs.cow.chunkstore import ChunkStore  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -492,7 +493,7 @@ class VdiskfsMount:
         os.makedirs(self.mnt, exist_ok=True)
         t = time.perf_counter()
         extra = list(self.extra)
-        if CHUNK_SIZE and not os.path.exists(os.path.join(self.pool, "header")):
+        if CHUNK_SIZE and not os.path.exists(os.path.join(self.pool, layout.HEADER)):
             extra += ["--chunk-size", str(CHUNK_SIZE)]
         run(VDISKFS + ["mount", *extra, self.pool, self.mnt], timeout=300)
         self.mount_s = time.perf_counter() - t
