@@ -273,15 +273,19 @@ class RandomData:
         t = time.perf_counter()
         fd = os.open(path, flags, 0o600)
         try:
-            off = 0
-            while off < nbytes:
-                n = min(bs, nbytes - off)
-                off += os.write(fd, self.piece(off, n))
+            self.write_fd(fd, nbytes, bs)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         return time.perf_counter() - t
+
+    def write_fd(self, fd: int, nbytes: int, bs: int, start: int = 0) -> None:
+        """Write ``nbytes`` to ``fd`` in ``bs`` writes: the bytes from ``start`` on."""
+        done = 0
+        while done < nbytes:
+            n = min(bs, nbytes - done)
+            done += os.write(fd, self.piece(start + done, n))
 
 
 def read_file(path: str, bs: int = MiB) -> tuple[float, int]:

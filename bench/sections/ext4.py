@@ -31,10 +31,7 @@ def ext4_write(s: Suite, root: str, rewrite: bool = False) -> float:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         fd = os.open(path, os.O_WRONLY | (0 if rewrite else os.O_CREAT | os.O_TRUNC), 0o644)
         try:
-            done = 0
-            while done < size:
-                n = min(MiB, size - done)
-                done += os.write(fd, s.data.piece(off + done, n))
+            s.data.write_fd(fd, size, MiB, off)
         finally:
             os.close(fd)
         off += size + 4096
