@@ -11,10 +11,15 @@ import signal
 import subprocess
 import time
 
-from bench.common import BENCH, PY, is_mounted, log, mount_table, retry, run, tail
+from bench.common import BENCH, PY, ROOT, is_mounted, log, mount_table, retry, run, tail
 from vdiskfs.cow import layout
 
 VDISKFS = [PY, "-m", "vdiskfs"]
+# The daemons run the tree the suite runs from, as the in-process imports do (run.py puts
+# it first on sys.path), not whatever vdiskfs the interpreter has installed.
+_pythonpath = os.environ.get("PYTHONPATH")
+VDISKFS_ENV = {**os.environ,
+               "PYTHONPATH": ROOT + (os.pathsep + _pythonpath if _pythonpath else "")}
 DAEMON_WARNINGS: list[str] = []   # from the pools' daemon.log, reported in the JSON
 
 
@@ -37,7 +42,7 @@ class VdiskfsMount:
         extra = list(self.extra)
         if self.chunk_size and not os.path.exists(os.path.join(self.pool, layout.HEADER)):
             extra += ["--chunk-size", str(self.chunk_size)]
-        run(VDISKFS + ["mount", *extra, self.pool, self.mnt], timeout=300)
+        run(VDISKFS + ["mount", *extra, self.pool, self.mnt], timeout=300, env=VDISKFS_ENV)
         self.mount_s = time.perf_counter() - t
         with open(os.path.join(self.pool, layout.LOCK)) as f:
             self.pid = int(f.read().strip())
@@ -48,7 +53,7 @@ class VdiskfsMount:
             return 0.0
         pid, self.pid = self.pid, 0
         t = time.perf_counter()
-        p = run(VDISKFS + ["umount", self.mnt], check=False, timeout=600)
+        p = run(VDISKFS + ["umount", self.mnt], check=False, timeout=600, env=VDISKFS_ENV)
         dt = time.perf_counter() - t
         if p.returncode:
             log(f"warning: vdiskfs umount {self.mnt}: {p.stderr.strip()}; detaching")
