@@ -17,17 +17,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import MiB, drop_caches  # noqa: E402  (no work dir set: sync(2), then drop)
+from bench.mounts import VDISKFS  # noqa: E402
 from vdiskfs.cli import parse_size  # noqa: E402
 from vdiskfs.cow.pool import Pool, create_pool  # noqa: E402
-
-VDISKFS = [sys.executable, "-m", "vdiskfs"]
-MiB = 1 << 20
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def seq(path: str, src: str, nbytes: int) -> tuple[float, float]:

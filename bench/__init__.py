@@ -1,0 +1,1 @@
+"""The vdiskfs benchmark suite; bench/run.py is its entry point (see there)."""
