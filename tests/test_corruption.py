@@ -86,6 +86,7 @@ def repair(pool: str, *, ok: bool = True) -> str:
     return out
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
 def test_damaged_checkpoint_is_refused(pool_path, tmp_path, need_fuse, damage):
     ck = os.path.join(pool_path, layout.CHECKPOINT)
@@ -103,6 +104,7 @@ def test_damaged_checkpoint_is_refused(pool_path, tmp_path, need_fuse, damage):
     os.unlink(os.path.join(pool_path, layout.HEADER))
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("which", [layout.CHECKPOINT, layout.HEADER, layout.JOURNAL])
 def test_newer_format_is_refused_by_name(pool_path, tmp_path, need_fuse, which):
     path = os.path.join(pool_path, which)
@@ -123,6 +125,7 @@ def test_newer_format_is_refused_by_name(pool_path, tmp_path, need_fuse, which):
     assert read_a(pool_path).startswith(b"early 0")
 
 
+@pytest.mark.mount
 def test_damaged_middle_of_journal_is_refused_then_repaired(pool_path, tmp_path, need_fuse):
     jpath = os.path.join(pool_path, layout.JOURNAL)
     frames = journal_frames(pool_path)
@@ -138,6 +141,7 @@ def test_damaged_middle_of_journal_is_refused_then_repaired(pool_path, tmp_path,
         assert data[i * SPAN:i * SPAN + 7] == b"early %d" % i
 
 
+@pytest.mark.mount
 def test_torn_journal_tail_recovers_on_mount(pool_path, tmp_path, need_fuse):
     jpath = os.path.join(pool_path, layout.JOURNAL)
     os.truncate(jpath, os.path.getsize(jpath) - 5)     # the last batch lost its end
