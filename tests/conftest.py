@@ -200,15 +200,44 @@ class KernelMounts:
         self.loops.clear()
 
 
+# ---------------------------------------------------------------------------- markers
+# A test that mounts must say so: whatever requests need_fuse (directly, or through mount,
+# new_mount, need_loop or a fixture of its own module) carries the ``mount`` marker, and
+# whatever requests need_loop the ``loop`` marker too, so that
+# ``pytest -m "not mount and not loop"`` (make test-fast) runs no mount at all. A test
+# without the marker fails in its setup, before any of its fixtures has run.
+MARKER_OF = {"need_fuse": "mount", "need_loop": "loop"}
+
+
+def _require_marker(item: pytest.Item, fixture: str) -> None:
+    mark = MARKER_OF[fixture]
+    if item.get_closest_marker(mark) is None:
+        pytest.fail(f"{item.nodeid} uses the {fixture} fixture (directly or through another "
+                    f"fixture) but has no @pytest.mark.{mark}: mark it (a decorator, or "
+                    f"pytestmark for the module) so that -m \"not mount and not loop\" "
+                    f"deselects it", pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Refuse to set up a test whose fixture closure holds need_fuse/need_loop without the
+    matching marker (runs before the test's fixtures are set up)."""
+    for fixture in MARKER_OF:
+        if fixture in getattr(item, "fixturenames", ()):
+            _require_marker(item, fixture)
+
+
 @pytest.fixture
-def need_fuse():
+def need_fuse(request):
+    _require_marker(request.node, "need_fuse")    # also for request.getfixturevalue()
     reason = _missing_fuse()
     if reason:
         _skip_or_fail(reason)
 
 
 @pytest.fixture
-def need_loop(need_fuse):
+def need_loop(request, need_fuse):
+    _require_marker(request.node, "need_loop")
     reason = _missing_loop()
     if reason:
         _skip_or_fail(reason)
