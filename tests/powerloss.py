@@ -66,7 +66,7 @@ from array import array
 from collections import Counter, deque
 from typing import Callable, Iterable
 
-from conftest import Mount, fsck_clean, is_mounted, run
+from support.common import Mount, fsck_clean, is_mounted, run
 
 KiB = 1 << 10
 MiB = 1 << 20

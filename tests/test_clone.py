@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from conftest import Mount, fsck_clean, read_file, run, write_file
+from support.common import Mount, fsck_clean, read_file, run, write_file
 
 pytestmark = pytest.mark.mount
 

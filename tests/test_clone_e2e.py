@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import fsck_clean, run
+from support.common import fsck_clean, run
 from test_clone import SLOW, ctl_path, daemon_log, follow, state_of
 
 pytestmark = [pytest.mark.mount, pytest.mark.loop]

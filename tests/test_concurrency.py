@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from conftest import Mount, fsck_clean
+from support.common import Mount, fsck_clean
 
 pytestmark = pytest.mark.mount
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import journal_frames, vdiskfs
+from support.common import journal_frames, vdiskfs
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.pool import Pool, create_pool
 

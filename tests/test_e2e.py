@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import fsck_clean, run
+from support.common import fsck_clean, run
 
 pytestmark = [pytest.mark.mount, pytest.mark.loop]
 

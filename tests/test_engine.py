@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-from conftest import journal_frames
+from support.common import journal_frames
 
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.codec import FormatError

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import Mount, fsck_clean, run
+from support.common import Mount, fsck_clean, run
 
 pytestmark = [pytest.mark.mount, pytest.mark.loop]
 

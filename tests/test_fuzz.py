@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import Mount
+from support.common import Mount
 
 pytestmark = pytest.mark.mount
 

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from conftest import read_file
+from support.common import read_file
 
 WRITES = 40
 

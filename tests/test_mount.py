@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import (VDISKFS, Mount, fsck_clean, is_mounted, read_file, run, vdiskfs,
+from support.common import (VDISKFS, Mount, fsck_clean, is_mounted, read_file, run, vdiskfs,
                       write_file)
 
 pytestmark = pytest.mark.mount

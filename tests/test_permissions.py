@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from conftest import Mount, is_mounted, run
+from support.common import Mount, is_mounted, run
 
 pytestmark = pytest.mark.mount
 

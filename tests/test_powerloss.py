@@ -42,7 +42,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import is_mounted, vdiskfs
+from support.common import is_mounted, vdiskfs
 from powerloss import (SECTOR, DiskModel, Rig, Writer, fill, payload,
                        random_extent, random_plan, sequential_plan,
                        write_back_range)
