@@ -9,18 +9,12 @@ import os
 import pytest
 
 from support.common import journal_frames, vdiskfs
+from support.engine import crash
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.pool import Pool, create_pool
 
 CS = 4096
 SPAN = CS * 4          # one page of 4 entries
-
-
-def crash(p: Pool) -> None:
-    """Drop the pool without a checkpoint, as kill -9 would."""
-    p.store.close()
-    p.journal.close()
-    os.close(p._lock_fd)
 
 
 @pytest.fixture

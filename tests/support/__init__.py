@@ -1,6 +1,8 @@
-"""Helper modules of the test suite (none of them holds tests; pytest collects only
-tests/t[0-9]_*.py):
+"""Helper modules of the test suite (none of them holds tests):
 
 - ``common``: commands, files, ``Mount`` (a vdiskfs daemon), ``KernelMounts``, pool checks;
   used by every layer and by the fixtures in ../conftest.py.
+- ``engine``: the engine tests' geometry, the in-memory refcount check, ``crash`` and
+  ``reopen_after_crash``, data patterns.
+- ``engine_model``: the randomized model test of the engine (``run_random``).
 """
