@@ -2,6 +2,8 @@
 
 - ``common``: commands, files, ``Mount`` (a vdiskfs daemon), ``KernelMounts``, pool checks;
   used by every layer and by the fixtures in ../conftest.py.
+- ``clones``: ``SLOW`` (a pool whose clones can be watched), reading and following
+  ``.ctl/status``; used by test_clone and test_clone_e2e.
 - ``engine``: the engine tests' geometry, the in-memory refcount check, ``crash`` and
   ``reopen_after_crash``, data patterns.
 - ``engine_model``: the randomized model test of the engine (``run_random``).

@@ -7,6 +7,7 @@ The fixtures that hand these out (and clean up after them) are in ../conftest.py
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -41,9 +42,18 @@ def write_file(path: str, data: bytes, offset: int = 0, *, fsync: bool = True) -
         os.close(fd)
 
 
-def read_file(path: str) -> bytes:
+def read_file(path: str | bytes) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def sha256_file(path: str) -> str:
+    """The sha256 of a file's contents, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def journal_frames(pool: str) -> list[tuple[int, int]]:
@@ -68,6 +78,61 @@ def fsck_clean(pool: str) -> str:
     proc = vdiskfs("fsck", pool, check=False)
     assert proc.returncode == 0, f"fsck of {pool} failed:\n{proc.stdout}{proc.stderr}"
     return proc.stdout
+
+
+def daemon_log(pool: str, tail: int | None = None, *, must_exist: bool = False) -> str:
+    """POOL/daemon.log (only its last ``tail`` lines if given); "(no daemon.log)" if there
+    is none, unless ``must_exist`` (then FileNotFoundError)."""
+    try:
+        with open(os.path.join(pool, "daemon.log"), errors="replace") as f:
+            return f.read() if tail is None else "".join(f.readlines()[-tail:])
+    except FileNotFoundError:
+        if must_exist:
+            raise
+        return "(no daemon.log)"
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """A refused command: non-zero exit, one line on stderr (mentioning ``needles``), no
+    traceback; returns that line."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, f"{proc.args}: expected failure, got 0:\n{out}"
+    assert "Traceback" not in out, out
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"{proc.args}: expected one line on stderr, got:\n{proc.stderr}"
+    for needle in needles:
+        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def wait_until(pred, what: str, timeout: float = 30.0, interval: float = 0.05):
+    """Poll ``pred`` until it returns something truthy, and return that (a bounded wait,
+    not a timing assertion: the condition must hold eventually, however slow the machine)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def allocated(path: str) -> int:
+    """The VDisk's user.vdisk.allocated (bytes of chunks it maps)."""
+    return int(os.getxattr(path, "user.vdisk.allocated"))
+
+
+def used_bytes(mnt: str) -> int:
+    """Used bytes of the filesystem at ``mnt`` as statvfs reports them."""
+    st = os.statvfs(mnt)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def loop_devices_of(image: str) -> list[str]:
+    """The loop devices attached to ``image`` (losetup -j)."""
+    out = run(["losetup", "-j", image], check=False).stdout
+    return [line.split(":")[0] for line in out.splitlines() if line.strip()]
 
 
 class Mount:
