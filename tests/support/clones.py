@@ -1,4 +1,4 @@
-"""Helpers of the clone tests through a mount (test_clone, test_clone_e2e): the options of a
+"""Helpers of the clone tests through a mount (t4_clone, t4_clone_e2e): the options of a
 pool whose clones can be watched, and reading and following ``.ctl/status``.
 
 ``SLOW``: a pool with 4 KiB chunks (one map page then covers 4 MiB of a VDisk) and clone

@@ -3,7 +3,7 @@ writes, truncates, clones, clone jobs in steps, unlinks, renames, commits, check
 commits in flight and crashes), each followed by the refcount check, and every VDisk's
 bytes checked against a model, including what a crash may leave.
 
-Used by test_engine (4 KiB chunks) and test_engine_partial, which runs it at its own geometry
+Used by t1_engine (4 KiB chunks) and t1_engine_partial, which runs it at its own geometry
 by monkeypatching ``CS`` and ``SPAN`` here.
 """
 

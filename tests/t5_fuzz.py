@@ -128,7 +128,7 @@ def _report_counts(request):
         lines = "".join(f"    {k}: {v}\n" for k, v in sorted(CASES.items()))
         capman = request.config.pluginmanager.get_plugin("capturemanager")
         with capman.global_and_fixture_disabled():
-            sys.stderr.write(f"\n[test_fuzz] {total} fuzz cases run:\n{lines}")
+            sys.stderr.write(f"\n[t5_fuzz] {total} fuzz cases run:\n{lines}")
 
 
 @pytest.fixture
