@@ -15,4 +15,4 @@ bench-quick: # reduced set (~2 min)
 	bash scripts/setup.sh bench --quick
 .PHONY: soak
 soak:        # power-loss soak: random scenarios/seeds for VDISKFS_SOAK_SECONDS (default 600), root
-	VDISKFS_SOAK_SECONDS=$(or $(VDISKFS_SOAK_SECONDS),600) .venv/bin/python -m pytest -q -s tests/test_powerloss.py -k soak
+	VDISKFS_SOAK_SECONDS=$(or $(VDISKFS_SOAK_SECONDS),600) .venv/bin/python -m pytest -q -s tests/t5_powerloss.py -k soak

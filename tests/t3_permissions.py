@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from conftest import Mount, is_mounted, run
+from support.common import Mount, is_mounted, read_file, run
 
 pytestmark = pytest.mark.mount
 
@@ -97,11 +97,6 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_all(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def status_text(m: Mount) -> str:
     with open(os.path.join(m.mnt, ".ctl", "status")) as f:
         return f.read()
@@ -151,7 +146,7 @@ def test_default_mount_shuts_out_other_users(public_mount):
         assert r.get("err") in DENIED, f"nobody, default mount: {what} gave {r}"
     # ...while root is served as usual, and nothing changed.
     assert sorted(os.listdir(m.mnt)) == [".ctl", "PUB"]
-    assert read_all(m.path("PUB"))[4096:4096 + 11] == b"public data"
+    assert read_file(m.path("PUB"))[4096:4096 + 11] == b"public data"
     assert status_text(m).splitlines()[1:] == []
 
 
@@ -161,7 +156,7 @@ def test_allow_other_file_modes_apply(public_mount):
     secret, public = b"secret bytes " * 100, b"public bytes " * 100
     make_vdisk(m.path("SECRET"), 0o600, secret)
     make_vdisk(m.path("PUB"), 0o644, public)
-    before = {n: read_all(m.path(n)) for n in ("SECRET", "PUB")}
+    before = {n: read_file(m.path(n)) for n in ("SECRET", "PUB")}
     ctl = os.path.join(m.mnt, ".ctl")
 
     res = as_nobody(
@@ -199,7 +194,7 @@ def test_allow_other_file_modes_apply(public_mount):
 
     # Refusals changed nothing.
     assert sorted(os.listdir(m.mnt)) == [".ctl", "PUB", "SECRET"]
-    assert {n: read_all(m.path(n)) for n in before} == before
+    assert {n: read_file(m.path(n)) for n in before} == before
     assert status_text(m).splitlines()[1:] == []
     assert os.getxattr(m.path("PUB"), "user.vdisk.lba_size") == b"512"
 
@@ -212,8 +207,8 @@ def test_allow_other_file_modes_apply(public_mount):
     assert res[0] == {"ok": 15}, res[0]
     assert res[1] == {"ok": sha(before["SECRET"])}, res[1]
     assert res[2] == {"ok": 8}, res[2]
-    assert read_all(m.path("PUB"))[:15] == b"nobody was here"
-    assert read_all(m.path("SECRET"))[:8] == b"mine now"
+    assert read_file(m.path("PUB"))[:15] == b"nobody was here"
+    assert read_file(m.path("SECRET"))[:8] == b"mine now"
 
 
 def test_modes_of_created_vdisks_and_persistence(public_mount):

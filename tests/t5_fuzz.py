@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import Mount
+from support.common import Mount, daemon_log, read_file
 
 pytestmark = pytest.mark.mount
 
@@ -73,17 +73,12 @@ def ename(n: int) -> str:
     return "success" if n == 0 else errno.errorcode.get(n, str(n))
 
 
-def read_all(path: str | bytes) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def ctl(m: Mount, name: str) -> str:
     return os.path.join(m.mnt, ".ctl", name)
 
 
 def status(m: Mount) -> str:
-    return read_all(ctl(m, "status")).decode()
+    return read_file(ctl(m, "status")).decode()
 
 
 def ctl_write(m: Mount, data: bytes, flags: int = 0) -> int:
@@ -103,14 +98,6 @@ def listing(m: Mount) -> set[str]:
     return set(os.listdir(m.mnt))
 
 
-def daemon_log(m: Mount) -> str:
-    try:
-        with open(os.path.join(m.pool, "daemon.log"), errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
-
-
 def assert_still_serving(m: Mount) -> None:
     """The daemon answers stat, create, write, fsync, read and unlink; no unexpected error."""
     os.stat(m.mnt)
@@ -123,9 +110,9 @@ def assert_still_serving(m: Mount) -> None:
         assert os.pread(fd, len(data), 12345) == data
     finally:
         os.close(fd)
-    assert read_all(p)[12345:] == data
+    assert read_file(p)[12345:] == data
     os.unlink(p)
-    log = daemon_log(m)
+    log = daemon_log(m.pool)
     assert "unexpected error" not in log and "Traceback" not in log, log[-4000:]
 
 
@@ -141,7 +128,7 @@ def _report_counts(request):
         lines = "".join(f"    {k}: {v}\n" for k, v in sorted(CASES.items()))
         capman = request.config.pluginmanager.get_plugin("capturemanager")
         with capman.global_and_fixture_disabled():
-            sys.stderr.write(f"\n[test_fuzz] {total} fuzz cases run:\n{lines}")
+            sys.stderr.write(f"\n[t5_fuzz] {total} fuzz cases run:\n{lines}")
 
 
 @pytest.fixture
@@ -247,7 +234,7 @@ class CtlWorld:
         with open(m.path("TAKEN"), "wb") as f:
             f.truncate(64 * KiB)
         self.names = listing(m)
-        self.src_content = read_all(m.path("SRC"))
+        self.src_content = read_file(m.path("SRC"))
 
     def expected(self, cmd) -> set[int]:
         if isinstance(cmd, int):
@@ -298,7 +285,7 @@ class CtlWorld:
             assert time.monotonic() < deadline, f"clone {src} {dst} stuck at {state}"
             time.sleep(0.01)
         assert state == "Completed", state
-        assert read_all(self.m.path(dst)) == read_all(self.m.path(src))
+        assert read_file(self.m.path(dst)) == read_file(self.m.path(src))
         os.unlink(self.m.path(dst))
         assert ctl_write(self.m, b"purge\n") == 0
 
@@ -487,10 +474,10 @@ class NameWorld:
         elif got == 0 and op == "rename":
             new = name.decode()
             assert listing(self.m) == (self.names - {"R"}) | {new}
-            assert read_all(p) == self.content
+            assert read_file(p) == self.content
             os.rename(p, self.path(b"R"))
         assert listing(self.m) == self.names, f"{op} {name!r} left {listing(self.m)}"
-        assert read_all(self.m.path("R")) == self.content
+        assert read_file(self.m.path("R")) == self.content
         assert set(os.listdir(os.path.dirname(self.m.mnt))) == self.parent, \
             f"{op} {name!r} made something outside the mount"
 

@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from conftest import read_file
+from support.common import read_file
 
 WRITES = 40
 
@@ -19,6 +19,7 @@ def _capability_probes(pool: str) -> int:
         return len(re.findall(r"getxattr \d+ b'security\.capability'", f.read()))
 
 
+@pytest.mark.mount
 def test_writes_do_not_ask_for_security_capability(new_mount):
     m = new_mount.start("--debug")
     with open(os.path.join(m.pool, "daemon.log")) as f:
@@ -48,6 +49,7 @@ def test_writes_do_not_ask_for_security_capability(new_mount):
     assert _capability_probes(m.pool) <= 2
 
 
+@pytest.mark.mount
 def test_no_setuid_or_setgid_on_a_vdisk(mount):
     p = mount.path("A")
     fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o6755)
@@ -61,6 +63,7 @@ def test_no_setuid_or_setgid_on_a_vdisk(mount):
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o1640
 
 
+@pytest.mark.mount
 def test_setid_bits_stored_by_an_older_version_are_not_shown(new_mount):
     """A pool written before this rule may hold a mode with S_ISUID: never reported, so
     the kernel never expects the daemon to clear it on write."""

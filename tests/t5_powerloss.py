@@ -2,10 +2,11 @@
 consistent state that holds at least everything acknowledged by fsync").
 
 Each test puts a pool on its own ext4 image, drives I/O through vdiskfs and cuts the power
-under it with FS_IOC_SHUTDOWN(NOLOGFLUSH) on the backing ext4 (see tests/powerloss.py for
-the method and for what the check accepts), then kills the daemon, remounts the image
-(ext4 replays its journal), runs ``vdiskfs fsck`` (must be clean), mounts the pool again
-and compares every VDisk with the model this process kept of what was acknowledged.
+under it with FS_IOC_SHUTDOWN(NOLOGFLUSH) on the backing ext4 (see the harness,
+tests/support/powerloss.py, for the method and for what the check accepts), then kills the
+daemon, remounts the image (ext4 replays its journal), runs ``vdiskfs fsck`` (must be
+clean), mounts the pool again and compares every VDisk with the model this process kept of
+what was acknowledged.
 Several cuts per scenario, each at a seeded random point; a scenario keeps using the pool
 it recovered, so later cuts also test a pool that has been through recoveries.
 
@@ -42,10 +43,9 @@ from collections import Counter
 
 import pytest
 
-from conftest import is_mounted, vdiskfs
-from powerloss import (SECTOR, DiskModel, Rig, Writer, fill, payload,
-                       random_extent, random_plan, sequential_plan,
-                       write_back_range)
+from support.common import is_mounted, vdiskfs
+from support.powerloss import (SECTOR, DiskModel, Rig, Writer, fill, payload, random_extent,
+                               random_plan, sequential_plan, write_back_range)
 
 pytestmark = [pytest.mark.mount, pytest.mark.loop]
 

@@ -25,18 +25,17 @@ import time
 
 import pytest
 
-from conftest import Mount, fsck_clean, read_file, run, write_file
+from support.clones import (FINAL, HEADER, SLOW, ctl_path, follow, parse_status, pct,
+                            read_ctl, state_of, status_rows, valid_progress)
+from support.common import (Mount, assert_user_error, daemon_log, fsck_clean, read_file,
+                            run, used_bytes, write_file)
 
 pytestmark = pytest.mark.mount
 
 KiB = 1 << 10
 MiB = 1 << 20
 
-# A pool with 4 KiB chunks and rate-limited clone jobs (see the module docstring).
-SLOW = ("--chunk-size", "4K", "--clone-speed", "8M")
 PAGE = 4 * MiB                  # the VDisk bytes one map page covers with 4 KiB chunks
-FINAL = ("Completed", "Error", "Cancelled")
-HEADER = ["Source", "Destination", "Progress"]
 QCLONE = os.path.join(os.path.dirname(sys.executable), "qclone")
 VDISKFS_BIN = os.path.join(os.path.dirname(sys.executable), "vdiskfs")
 
@@ -85,10 +84,6 @@ def open_errno(path: str, flags: int = os.O_RDONLY) -> int:
     return 0
 
 
-def ctl_path(mnt: str, name: str = "clone") -> str:
-    return os.path.join(mnt, ".ctl", name)
-
-
 def ctl(mnt: str, command: str | bytes) -> None:
     """One command = one write() to .ctl/clone (an OSError carries the refusal's errno)."""
     data = command.encode() if isinstance(command, str) else command
@@ -101,30 +96,6 @@ def ctl(mnt: str, command: str | bytes) -> None:
 
 def ctl_errno(mnt: str, command: str | bytes) -> int:
     return errno_of(ctl, mnt, command)
-
-
-def read_ctl(mnt: str, name: str = "status") -> str:
-    with open(ctl_path(mnt, name)) as f:
-        return f.read()
-
-
-def valid_progress(state: str) -> bool:
-    return state in FINAL or re.fullmatch(r"(\d|[1-9]\d)%", state) is not None
-
-
-def parse_status(text: str) -> list[tuple[str, str, str]]:
-    lines = text.splitlines()
-    assert lines and lines[0].split() == HEADER, f"bad status header:\n{text}"
-    rows = []
-    for line in lines[1:]:
-        fields = line.split()
-        assert len(fields) == 3 and valid_progress(fields[2]), f"bad status row {line!r}:\n{text}"
-        rows.append(tuple(fields))
-    return rows
-
-
-def status_rows(mnt: str) -> list[tuple[str, str, str]]:
-    return parse_status(read_ctl(mnt))
 
 
 def jobs_rows(mnt: str) -> list[tuple[str, str, str, float, int]]:
@@ -142,50 +113,9 @@ def jobs_rows(mnt: str) -> list[tuple[str, str, str, float, int]]:
     return rows
 
 
-def state_of(mnt: str, src: str, dst: str) -> str | None:
-    """Progress of the newest SRC -> DST row (None when not listed)."""
-    mine = [r[2] for r in status_rows(mnt) if r[:2] == (src, dst)]
-    return mine[-1] if mine else None
-
-
-def pct(state: str | None) -> int | None:
-    return int(state[:-1]) if state and state.endswith("%") else None
-
-
-def daemon_log(pool: str, tail: int = 30) -> str:
-    try:
-        with open(os.path.join(pool, "daemon.log"), errors="replace") as f:
-            return "".join(f.readlines()[-tail:])
-    except FileNotFoundError:
-        return "(no daemon.log)"
-
-
-def follow(m: Mount, src: str, dst: str, timeout: float = 60.0,
-           interval: float = 0.05) -> list[str]:
-    """Poll the row SRC -> DST until it ends; returns the distinct states seen in order,
-    having checked that the percentage only went up and that only the last is final."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        st = state_of(m.mnt, src, dst)
-        assert st is not None, f"{src} -> {dst} is not listed: {status_rows(m.mnt)}"
-        if not seen or seen[-1] != st:
-            seen.append(st)
-        if st in FINAL:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{src} -> {dst} not finished after {timeout:.0f}s: "
-                                 f"{seen}\n{daemon_log(m.pool)}")
-        time.sleep(interval)
-    pcts = [pct(s) for s in seen[:-1]]
-    assert None not in pcts, f"a final state before the end: {seen}"
-    assert pcts == sorted(pcts), f"progress went down: {seen}"
-    return seen
-
-
 def wait_completed(m: Mount, src: str, dst: str, timeout: float = 60.0) -> list[str]:
     seen = follow(m, src, dst, timeout)
-    assert seen[-1] == "Completed", f"{src} -> {dst} ended {seen}:\n{daemon_log(m.pool)}"
+    assert seen[-1] == "Completed", f"{src} -> {dst} ended {seen}:\n{daemon_log(m.pool, tail=30)}"
     return seen
 
 
@@ -197,12 +127,12 @@ def wait_running(m: Mount, src: str, dst: str, at_least: int = 0,
         st = state_of(m.mnt, src, dst)
         assert st is None or st.endswith("%"), (
             f"{src} -> {dst} ended ({st}) before reaching {at_least}%: the test needs a "
-            f"clone in progress (is --clone-speed honoured?)\n{daemon_log(m.pool)}")
+            f"clone in progress (is --clone-speed honoured?)\n{daemon_log(m.pool, tail=30)}")
         if st is not None and pct(st) >= at_least:
             return pct(st)
         if time.monotonic() > deadline:
             raise AssertionError(f"{src} -> {dst} did not reach {at_least}% in "
-                                 f"{timeout:.0f}s (last {st})\n{daemon_log(m.pool)}")
+                                 f"{timeout:.0f}s (last {st})\n{daemon_log(m.pool, tail=30)}")
         time.sleep(0.02)
 
 
@@ -221,11 +151,6 @@ def commit(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def used(mnt: str) -> int:
-    st = os.statvfs(mnt)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
 def data_du(pool: str) -> int:
@@ -261,18 +186,6 @@ def assert_ok(proc: subprocess.CompletedProcess) -> str:
                                  f"{proc.stdout}{proc.stderr}"
     assert "Traceback" not in proc.stdout + proc.stderr
     return proc.stdout
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """A refused command: non-zero exit, one line on stderr, no traceback."""
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, f"{proc.args}: expected failure, got 0:\n{out}"
-    assert "Traceback" not in out, out
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"{proc.args}: expected one line on stderr, got:\n{proc.stderr}"
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 # ================================================================ .ctl files
@@ -443,7 +356,8 @@ def test_progress_goes_up_and_completed_only_at_the_end(new_mount):
         elapsed_seen.append(elapsed)
         if s2 in FINAL and s_job in FINAL:   # the jobs row was read before s2: once more
             break
-        assert time.monotonic() < deadline, f"no end after 60s: {seen}\n{daemon_log(m.pool)}"
+        assert time.monotonic() < deadline, \
+            f"no end after 60s: {seen}\n{daemon_log(m.pool, tail=30)}"
         time.sleep(0.05)
     assert seen[-1] == "Completed", seen
     pcts = [pct(s) for s in seen[:-1]]
@@ -710,7 +624,7 @@ def test_cancel_removes_destination_and_releases_space(new_mount):
     foo = m.path("FOO")
     data = slow_source(m)
     commit(foo)
-    used0, du0 = used(m.mnt), data_du(m.pool)
+    used0, du0 = used_bytes(m.mnt), data_du(m.pool)
     ctl(m.mnt, "FOO BAR")
     wait_running(m, "FOO", "BAR", 30)
     ctl(m.mnt, "-s FOO -d BAZ")
@@ -719,7 +633,7 @@ def test_cancel_removes_destination_and_releases_space(new_mount):
     new = pattern(20, 2 * PAGE)
     put(foo, new)
     assert_running(m, ("FOO", "BAR"), ("FOO", "BAZ"))
-    grown = used(m.mnt) - used0
+    grown = used_bytes(m.mnt) - used0
     assert grown >= 2 * PAGE, f"the clones should hold the overwritten chunks ({grown})"
 
     ctl(m.mnt, "cancel FOO")          # cancels every clone in progress from FOO
@@ -732,7 +646,7 @@ def test_cancel_removes_destination_and_releases_space(new_mount):
     assert ctl_errno(m.mnt, "cancel FOO") == errno.ENOENT
     assert ctl_errno(m.mnt, "-s FOO -c") == errno.ENOENT
     commit(foo)
-    used1, du1 = used(m.mnt), data_du(m.pool)
+    used1, du1 = used_bytes(m.mnt), data_du(m.pool)
     assert abs(used1 - used0) < MiB, f"df used {used0} before, {used1} after cancel"
     assert abs(du1 - du0) < MiB, f"du of POOL/data {du0} before, {du1} after cancel"
     same(foo, new + data[len(new):], "FOO")
@@ -775,12 +689,12 @@ def test_clone_of_256mib_takes_no_data_space(mount):
         os.fsync(fd)
     finally:
         os.close(fd)
-    used0, du0 = used(mount.mnt), data_du(mount.pool)
+    used0, du0 = used_bytes(mount.mnt), data_du(mount.pool)
     assert du0 >= 256 * MiB
     ctl(mount.mnt, "FOO BAR")
     wait_completed(mount, "FOO", "BAR")
     commit(foo)
-    used1, du1 = used(mount.mnt), data_du(mount.pool)
+    used1, du1 = used_bytes(mount.mnt), data_du(mount.pool)
     assert du1 - du0 < MiB, f"POOL/data grew by {du1 - du0} bytes"
     assert used1 - used0 < MiB, f"df used grew by {used1 - used0} bytes"
     bar = mount.path("BAR")
@@ -798,7 +712,7 @@ def test_clone_of_256mib_takes_no_data_space(mount):
     put(bar, pattern(22, MiB), 10 * MiB)
     assert int(xattr(bar, "unique")) == MiB
     assert int(xattr(foo, "unique")) == MiB
-    assert MiB <= used(mount.mnt) - used1 < 2 * MiB
+    assert MiB <= used_bytes(mount.mnt) - used1 < 2 * MiB
 
 
 # ================================================================ restarts and crashes
@@ -847,7 +761,7 @@ def test_clone_resumes_after_kill9(new_mount):
     err = open_errno(m.path("BAR"))
     st2 = state_of(m.mnt, "FOO", "BAR")
     assert st is not None and st not in ("Error", "Cancelled"), \
-        f"after kill -9: {status_rows(m.mnt)}\n{daemon_log(m.pool)}"
+        f"after kill -9: {status_rows(m.mnt)}\n{daemon_log(m.pool, tail=30)}"
     if pct(st) is not None:
         assert err == errno.EBUSY or st2 == "Completed", "a half-made clone was opened"
     wait_completed(m, "FOO", "BAR")

@@ -10,12 +10,15 @@ import os
 
 import pytest
 
-import test_engine
-from test_engine import CS, check, pattern, read_all
+from support.engine import CS, PE, check, new_pool, pattern, read_all
 
 from vdiskfs.cow import chunkstore
 
-path = test_engine.path      # test_engine's geometry; conftest's ``pool`` opens it
+
+@pytest.fixture
+def path(tmp_path):
+    """The engine tests' geometry (support.engine); conftest's ``pool`` opens it."""
+    return new_pool(tmp_path, CS, PE)
 
 
 class Calls:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 
 import pytest
 
-from conftest import Mount, fsck_clean, run
+from support.common import Mount, daemon_log, fsck_clean, read_file, run, wait_until
 
 pytestmark = [pytest.mark.mount, pytest.mark.loop]
 
@@ -34,25 +33,12 @@ NOSPACE = (errno.ENOSPC, errno.EIO)
 
 
 # ---------------------------------------------------------------- helpers
-def read_all(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def pread_exact(path: str, off: int, n: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
         return os.pread(fd, n, off)
     finally:
         os.close(fd)
-
-
-def daemon_log(m: Mount, tail: int = 60) -> str:
-    try:
-        with open(os.path.join(m.pool, "daemon.log"), errors="replace") as f:
-            return "".join(f.readlines()[-tail:])
-    except FileNotFoundError:
-        return "(no daemon.log)"
 
 
 def status_rows(m: Mount) -> list[list[str]]:
@@ -97,17 +83,6 @@ def write_and_sync(path: str, off: int, data: bytes, *, create: bool = False) ->
         except OSError as e:
             err = err or e.errno
     return err
-
-
-def wait_for(pred, what: str, timeout: float = 60.0, interval: float = 0.05):
-    """A bounded wait for a condition (not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up after {timeout:.0f}s waiting for {what}"
-        time.sleep(interval)
 
 
 class Extents:
@@ -227,9 +202,9 @@ def test_enospc_while_cloning_then_recover(small_pool):
     err = write_and_sync(m.path("KEEP"), 14 * MiB, os.urandom(2 * MiB))
     assert err in NOSPACE, f"a write into a hole on a full disk gave {errno.errorcode.get(err)}"
     # The clone needs no data space: it completes while the disk is full.
-    wait_for(lambda: clone_state(m, "SRC", "SRCC") in ("Completed", "Error", "Cancelled"),
-             "the clone to end")
-    assert clone_state(m, "SRC", "SRCC") == "Completed", daemon_log(m)
+    wait_until(lambda: clone_state(m, "SRC", "SRCC") in ("Completed", "Error", "Cancelled"),
+               "the clone to end", timeout=60)
+    assert clone_state(m, "SRC", "SRCC") == "Completed", daemon_log(m.pool, tail=60)
     snap = Extents(src.size)
     snap.parts = dict(src.parts)
     snap.check(m.path("SRCC"), "the clone, completed on a full disk")
@@ -249,8 +224,8 @@ def test_enospc_while_cloning_then_recover(small_pool):
     fill.size = half
     # After the shrink is committed its chunks are returned: a write into new space works.
     new1 = os.urandom(256 * KiB)
-    wait_for(lambda: write_and_sync(m.path("KEEP"), hole, new1) == 0,
-             "an fsync to succeed after shrinking FILL", timeout=30, interval=0.2)
+    wait_until(lambda: write_and_sync(m.path("KEEP"), hole, new1) == 0,
+               "an fsync to succeed after shrinking FILL", timeout=30, interval=0.2)
     keep.put(hole, new1)
     fill.check(m.path("FILL"), "FILL after the shrink")
     free_before = backing_free(m.backing)
@@ -259,9 +234,9 @@ def test_enospc_while_cloning_then_recover(small_pool):
     assert write_and_sync(m.path("KEEP"), 14 * MiB, new2) == 0
     keep.put(14 * MiB, new2)
     # The delete gives the space back to the backing filesystem (once committed).
-    wait_for(lambda: write_and_sync(m.path("KEEP"), 0, b"sync") == 0
-             and backing_free(m.backing) > free_before + 8 * MiB,
-             "the deleted VDisk's space to come back", timeout=30, interval=0.2)
+    wait_until(lambda: write_and_sync(m.path("KEEP"), 0, b"sync") == 0
+               and backing_free(m.backing) > free_before + 8 * MiB,
+               "the deleted VDisk's space to come back", timeout=30, interval=0.2)
     keep.put(0, b"sync")
     # Writes work again: a new VDisk of 8 MiB, fsync'd.
     after = Extents(0)
@@ -271,7 +246,7 @@ def test_enospc_while_cloning_then_recover(small_pool):
         after.put(i * MiB, data)
     after.check(m.path("AFTER"), "AFTER")
 
-    log = daemon_log(m, tail=100000)
+    log = daemon_log(m.pool, tail=100000)
     assert "unexpected error" not in log and "Traceback" not in log, log[-4000:]
     m.stop()
     fsck_clean(m.pool)
@@ -323,14 +298,15 @@ def test_delete_frees_space_when_something_else_filled_the_disk(small_pool):
     err = write_and_sync(m.path("KEEP"), 4 * MiB, os.urandom(256 * KiB))
     assert err in NOSPACE, f"write into new space on a full disk: {errno.errorcode.get(err)}"
     keep.check(m.path("KEEP"), "KEEP while full")
-    assert read_all(m.path("BIG")) == big
+    assert read_file(m.path("BIG")) == big
 
     # Deleting a VDisk must still commit on the full disk, and return its space.
     os.unlink(m.path("BIG"))
     free0 = backing_free(m.backing)
     new = os.urandom(256 * KiB)
-    wait_for(lambda: write_and_sync(m.path("KEEP"), 4 * MiB, new) == 0,
-             "a write to succeed after deleting BIG on a full disk", timeout=30, interval=0.2)
+    wait_until(lambda: write_and_sync(m.path("KEEP"), 4 * MiB, new) == 0,
+               "a write to succeed after deleting BIG on a full disk", timeout=30,
+               interval=0.2)
     keep.put(4 * MiB, new)
     assert backing_free(m.backing) > free0, "the delete returned no space"
     keep.check(m.path("KEEP"), "KEEP after the delete")
@@ -341,7 +317,7 @@ def test_delete_frees_space_when_something_else_filled_the_disk(small_pool):
     os.unlink(hog)
     m.start()
     keep.check(m.path("KEEP"), "KEEP after the remount")
-    log = daemon_log(m, tail=100000)
+    log = daemon_log(m.pool, tail=100000)
     assert "unexpected error" not in log and "Traceback" not in log, log[-4000:]
 
 
@@ -388,8 +364,8 @@ def test_failed_commit_keeps_its_records(small_pool):
         assert e.value.errno in NOSPACE
         # Space comes back: the next commit carries everything.
         os.unlink(hog)
-        wait_for(lambda: _fsync_ok(fd), "an fsync to succeed once space is back",
-                 timeout=30, interval=0.2)
+        wait_until(lambda: _fsync_ok(fd), "an fsync to succeed once space is back",
+                   timeout=30, interval=0.2)
     finally:
         os.close(fd)
 
@@ -401,7 +377,7 @@ def test_failed_commit_keeps_its_records(small_pool):
     print(f"a commit failed with {errno.errorcode[failed]} after {len(names) - 50} creates "
           "on the full disk")
     keep.check(m.path("KEEP"), "KEEP after the remount")
-    log = daemon_log(m, tail=100000)
+    log = daemon_log(m.pool, tail=100000)
     assert "unexpected error" not in log and "Traceback" not in log, log[-4000:]
 
 

@@ -16,12 +16,12 @@ import random
 import signal
 import stat
 import subprocess
-import time
 
 import pytest
 
-from conftest import (VDISKFS, Mount, fsck_clean, is_mounted, read_file, run, vdiskfs,
-                      write_file)
+from support.common import (VDISKFS, Mount, allocated, assert_user_error, daemon_log,
+                            fsck_clean, is_mounted, read_file, run, used_bytes, vdiskfs,
+                            wait_until, write_file)
 
 pytestmark = pytest.mark.mount
 
@@ -34,19 +34,6 @@ XATTRS = ("user.vdisk.lba_size", "user.vdisk.serial", "user.vdisk.allocated",
 
 
 # ---------------------------------------------------------------- helpers
-def wait_until(pred, what: str, timeout: float = 30.0, interval: float = 0.05):
-    """Poll ``pred`` until it returns something truthy (a bounded wait, not a timing
-    assertion: the condition must hold eventually, however slow the machine)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def process_gone(pid: int) -> bool:
     """The process has exited (a zombie nobody reaped yet counts as exited)."""
     try:
@@ -73,33 +60,10 @@ def lock_free(pool: str) -> bool:
         os.close(fd)
 
 
-def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """A failed command: non-zero, one line on stderr (mentioning ``needles``), no traceback."""
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, f"expected failure, got 0:\n{out}"
-    assert "Traceback" not in out, out
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{proc.stderr}"
-    for needle in needles:
-        assert needle.lower() in lines[0].lower(), f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-
-
 def sync_pool(mount: Mount) -> None:
     """Force a commit of the whole pool (an fsync on any VDisk commits everything), so that
     chunks freed before it are given back to the backing filesystem."""
     write_file(mount.path("ZZSYNC"), b"\1", fsync=True)
-
-
-def used_bytes(mnt: str) -> int:
-    st = os.statvfs(mnt)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
-
-
-def allocated(path: str) -> int:
-    return int(os.getxattr(path, "user.vdisk.allocated"))
 
 
 def st_blocks_bytes(path: str, expect: int) -> int:
@@ -119,14 +83,6 @@ def st_blocks_bytes(path: str, expect: int) -> int:
 
 def chunk_size_of(path: str) -> int:
     return os.stat(path).st_blksize
-
-
-def daemon_log(pool: str) -> str:
-    try:
-        with open(os.path.join(pool, "daemon.log"), errors="replace") as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
 
 
 # ================================================================ lifecycle

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import fsck_clean, run
+from support.common import allocated, fsck_clean, loop_devices_of, run, sha256_file
 
 pytestmark = [pytest.mark.mount, pytest.mark.loop]
 
@@ -56,11 +56,7 @@ def tree_hashes(root: str) -> dict[str, str]:
         dirnames[:] = [d for d in dirnames if not (dirpath == root and d == "lost+found")]
         for name in filenames:
             path = os.path.join(dirpath, name)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(MiB), b""):
-                    h.update(block)
-            out[os.path.relpath(path, root)] = h.hexdigest()
+            out[os.path.relpath(path, root)] = sha256_file(path)
     return out
 
 
@@ -69,11 +65,6 @@ def assert_tree(root: str, expected: dict[str, str]) -> None:
     assert sorted(got) == sorted(expected), "the set of files differs"
     bad = [rel for rel in expected if got[rel] != expected[rel]]
     assert not bad, f"{len(bad)} file(s) with a wrong checksum, e.g. {bad[:5]}"
-
-
-def loop_devices_of(image: str) -> list[str]:
-    out = run(["losetup", "-j", image], check=False).stdout
-    return [line.split(":")[0] for line in out.splitlines() if line.strip()]
 
 
 def wait_loop_released(image: str, timeout: float = 30.0) -> None:
@@ -96,10 +87,6 @@ def e2fsck_clean(image: str) -> None:
     proc = run(["e2fsck", "-fn", image], check=False)
     assert proc.returncode == 0, f"e2fsck -fn {image}: {proc.returncode}\n" \
                                  f"{proc.stdout}{proc.stderr}"
-
-
-def allocated(path: str) -> int:
-    return int(os.getxattr(path, "user.vdisk.allocated"))
 
 
 def test_ext4_on_vdisk_survives_umount_and_remount(need_loop, mount, kmounts, tmp_path):

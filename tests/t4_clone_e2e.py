@@ -7,8 +7,8 @@ is there with its checksum, nothing created after the clone completed is, and th
 filesystems are independent afterwards. Files written while the clone ran may or may not be
 in it (that depends on timing), so nothing is asserted about them.
 
-The pool has 4 KiB chunks and a clone speed limit (see test_clone.py) so that the clone
-takes a few seconds and overlaps the writer; no assertion depends on timing.
+The pool has 4 KiB chunks and a clone speed limit (SLOW in support/clones.py) so that the
+clone takes a few seconds and overlaps the writer; no assertion depends on timing.
 """
 
 from __future__ import annotations
@@ -21,21 +21,13 @@ import time
 
 import pytest
 
-from conftest import fsck_clean, run
-from test_clone import SLOW, ctl_path, daemon_log, follow, state_of
+from support.clones import SLOW, ctl_path, follow, state_of
+from support.common import daemon_log, fsck_clean, run, sha256_file
 
 pytestmark = [pytest.mark.mount, pytest.mark.loop]
 
 KiB = 1 << 10
 MiB = 1 << 20
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(MiB), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_synced(path: str, data: bytes) -> None:
@@ -91,7 +83,7 @@ def check_files(root: str, expect: dict[str, str], what: str) -> None:
     for rel, digest in expect.items():
         path = os.path.join(root, rel)
         assert os.path.isfile(path), f"{what}: {rel} is missing"
-        assert sha256(path) == digest, f"{what}: {rel} has other contents"
+        assert sha256_file(path) == digest, f"{what}: {rel} has other contents"
 
 
 def test_clone_of_a_live_ext4_filesystem(new_mount, need_loop, kmounts, tmp_path):
@@ -126,7 +118,7 @@ def test_clone_of_a_live_ext4_filesystem(new_mount, need_loop, kmounts, tmp_path
         run(["sh", "-c", f'echo "FOO BAR" > {ctl_path(m.mnt)}'])
         seen = follow(m, "FOO", "BAR", timeout=120)
         t_completed = time.monotonic()
-        assert seen[-1] == "Completed", f"{seen}\n{daemon_log(m.pool)}"
+        assert seen[-1] == "Completed", f"{seen}\n{daemon_log(m.pool, tail=30)}"
         # A few more files after the clone completed: they must not be in it.
         deadline = time.monotonic() + 60
         while (sum(1 for f in writer.files if f[2] > t_completed) < 5
@@ -186,7 +178,8 @@ def test_clone_of_a_live_ext4_filesystem(new_mount, need_loop, kmounts, tmp_path
     proc = run(["e2fsck", "-fn", bar], check=False)
     assert proc.returncode == 0, f"clone fs not clean:\n{proc.stdout}{proc.stderr}"
     bar_fs = kmounts.loop_mount(bar, str(tmp_path / "bar_fs"), "ro")
-    assert sha256(os.path.join(bar_fs, "only_in_bar")) == hashlib.sha256(only_in_bar).hexdigest()
+    assert sha256_file(os.path.join(bar_fs, "only_in_bar")) == \
+        hashlib.sha256(only_in_bar).hexdigest()
     assert not os.path.exists(os.path.join(bar_fs, "before/f00"))
     kmounts.cleanup()
     m.stop()

@@ -66,7 +66,7 @@ from array import array
 from collections import Counter, deque
 from typing import Callable, Iterable
 
-from conftest import Mount, fsck_clean, is_mounted, run
+from support.common import Mount, fsck_clean, is_mounted, loop_devices_of, run
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -358,11 +358,6 @@ def _mixture(g: bytes, cands: list[bytes]) -> bool:
 
 
 # ---------------------------------------------------------------- the backing filesystem + mount
-def loop_devices_of(image: str) -> list[str]:
-    out = run(["losetup", "-j", image], check=False).stdout
-    return [line.split(":")[0] for line in out.splitlines() if line.strip()]
-
-
 def _wait(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while not pred():

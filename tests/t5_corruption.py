@@ -8,19 +8,13 @@ import os
 
 import pytest
 
-from conftest import journal_frames, vdiskfs
+from support.common import journal_frames, vdiskfs
+from support.engine import crash
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.pool import Pool, create_pool
 
 CS = 4096
 SPAN = CS * 4          # one page of 4 entries
-
-
-def crash(p: Pool) -> None:
-    """Drop the pool without a checkpoint, as kill -9 would."""
-    p.store.close()
-    p.journal.close()
-    os.close(p._lock_fd)
 
 
 @pytest.fixture
@@ -86,6 +80,7 @@ def repair(pool: str, *, ok: bool = True) -> str:
     return out
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
 def test_damaged_checkpoint_is_refused(pool_path, tmp_path, need_fuse, damage):
     ck = os.path.join(pool_path, layout.CHECKPOINT)
@@ -103,6 +98,7 @@ def test_damaged_checkpoint_is_refused(pool_path, tmp_path, need_fuse, damage):
     os.unlink(os.path.join(pool_path, layout.HEADER))
 
 
+@pytest.mark.mount
 @pytest.mark.parametrize("which", [layout.CHECKPOINT, layout.HEADER, layout.JOURNAL])
 def test_newer_format_is_refused_by_name(pool_path, tmp_path, need_fuse, which):
     path = os.path.join(pool_path, which)
@@ -123,6 +119,7 @@ def test_newer_format_is_refused_by_name(pool_path, tmp_path, need_fuse, which):
     assert read_a(pool_path).startswith(b"early 0")
 
 
+@pytest.mark.mount
 def test_damaged_middle_of_journal_is_refused_then_repaired(pool_path, tmp_path, need_fuse):
     jpath = os.path.join(pool_path, layout.JOURNAL)
     frames = journal_frames(pool_path)
@@ -138,6 +135,7 @@ def test_damaged_middle_of_journal_is_refused_then_repaired(pool_path, tmp_path,
         assert data[i * SPAN:i * SPAN + 7] == b"early %d" % i
 
 
+@pytest.mark.mount
 def test_torn_journal_tail_recovers_on_mount(pool_path, tmp_path, need_fuse):
     jpath = os.path.join(pool_path, layout.JOURNAL)
     os.truncate(jpath, os.path.getsize(jpath) - 5)     # the last batch lost its end

@@ -28,7 +28,7 @@ import time
 
 import pytest
 
-from conftest import Mount, fsck_clean
+from support.common import Mount, daemon_log, fsck_clean
 
 pytestmark = pytest.mark.mount
 
@@ -129,11 +129,6 @@ def status_rows(m: Mount) -> list[tuple[str, str, str]]:
         assert state in FINAL or re.fullmatch(r"\d{1,2}%", state), line
         rows.append((src, dst, state))
     return rows
-
-
-def daemon_log(m: Mount) -> str:
-    with open(os.path.join(m.pool, "daemon.log"), errors="replace") as f:
-        return f.read()
 
 
 def pattern(vd: int, seq: int, off: int, n: int) -> bytes:
@@ -356,7 +351,8 @@ def test_writers_and_clones(new_mount):
     s = Stress(m, seed)
     s.create()
     s.run(RUN_SECONDS)
-    assert not s.errors, f"seed {seed}: " + "\n".join(s.errors) + f"\n{daemon_log(m)[-3000:]}"
+    assert not s.errors, f"seed {seed}: " + "\n".join(s.errors) + \
+        f"\n{daemon_log(m.pool, must_exist=True)[-3000:]}"
 
     # Every clone ended and was settled: Completed or Cancelled, never Error.
     rows = status_rows(m)
@@ -373,7 +369,7 @@ def test_writers_and_clones(new_mount):
 
     m.stop()
     fsck_clean(m.pool)
-    log = daemon_log(m)
+    log = daemon_log(m.pool, must_exist=True)
     assert "unexpected error" not in log and "Traceback" not in log, log[-4000:]
 
     m.start()

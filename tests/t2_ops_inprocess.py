@@ -17,8 +17,10 @@ import pytest
 import trio
 from pyfuse3 import FUSEError
 
+from support.engine import crash, new_pool
+
 from vdiskfs.cow.codec import FormatError
-from vdiskfs.cow.pool import Pool, create_pool
+from vdiskfs.cow.pool import Pool
 from vdiskfs.fs.operations import CTL, ROOT, VDISK_BASE, Operations
 
 CS = 4096
@@ -29,9 +31,7 @@ CTX = SimpleNamespace(uid=1234, gid=5678, umask=0o022, pid=os.getpid())
 
 @pytest.fixture
 def pool_path(tmp_path):
-    p = str(tmp_path / "pool")
-    create_pool(p, CS, page_entries=PE)
-    return p
+    return new_pool(tmp_path, CS, PE)
 
 
 @pytest.fixture
@@ -41,13 +41,6 @@ def ops(pool_path):
     yield o
     if pool._lock_fd >= 0:
         pool.close(commit=False)
-
-
-def crash(pool: Pool) -> None:
-    pool.store.close()
-    pool.journal.close()
-    os.close(pool._lock_fd)
-    pool._lock_fd = -1
 
 
 def fields(**kw) -> SimpleNamespace:

@@ -9,12 +9,12 @@ import random
 
 import pytest
 
-import test_engine
-from test_engine import PE, check, crash, pattern
+from support import engine_model
+from support.engine import PE, check, crash, new_pool, pattern
 
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.fsck import fsck, repair
-from vdiskfs.cow.pool import Pool, create_pool
+from vdiskfs.cow.pool import Pool
 
 CS = 64 * 1024
 BS = 4096
@@ -22,9 +22,7 @@ BS = 4096
 
 @pytest.fixture
 def path(tmp_path):
-    p = str(tmp_path / "pool")
-    create_pool(p, CS, page_entries=PE)
-    return p
+    return new_pool(tmp_path, CS, PE)
 
 
 def shared_pair(pool: Pool, nchunks: int = 4):
@@ -193,9 +191,10 @@ def test_a_format_1_pool_opens_and_is_upgraded(path):
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_randomized_operations_with_partial_slots(path, monkeypatch, seed):
-    """test_engine's randomized model test at this geometry: writes of 1 byte to 3 chunks
-    make and fill partial slots among clones, crashes, truncates and zero writes."""
-    monkeypatch.setattr(test_engine, "CS", CS)
-    monkeypatch.setattr(test_engine, "SPAN", CS * PE)
-    stats = test_engine.run_random(path, seed, 700, inflight=seed == 3)
+    """The engine's randomized model test (support/engine_model.py) at this geometry:
+    writes of 1 byte to 3 chunks make and fill partial slots among clones, crashes,
+    truncates and zero writes."""
+    monkeypatch.setattr(engine_model, "CS", CS)
+    monkeypatch.setattr(engine_model, "SPAN", CS * PE)
+    stats = engine_model.run_random(path, seed, 700, inflight=seed == 3)
     assert stats.get("write", 0) >= 50, stats
