@@ -22,7 +22,7 @@ from support.engine_model import run_random
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.codec import FormatError
 from vdiskfs.cow.errors import PoolBusy, VDiskError
-from vdiskfs.cow.fsck import fsck
+from vdiskfs.cow.fsck import fsck, repair
 from vdiskfs.cow.meta import Metadata
 from vdiskfs.cow.pool import Pool, create_pool
 
@@ -594,12 +594,32 @@ def test_unstable_slot_not_overwritten_while_commit_in_flight(pool, end):
         p2.close()
 
 
-def test_orphan_unlinked_while_open_is_freed_at_next_mount(pool):
+def _errno(call) -> int:
+    with pytest.raises(VDiskError) as e:
+        call()
+    return e.value.errno
+
+
+def test_an_open_vdisk_cannot_be_deleted_or_replaced(pool):
+    err = _errno
+    a = pool.create("A", 0)
+    b = pool.create("B", 0)
+    pool.write(a, 0, b"a")
+    pool.opened(a)
+    assert err(lambda: pool.unlink(a)) == errno.EBUSY
+    assert err(lambda: pool.rename(b, "A")) == errno.EBUSY          # onto an open one
+    pool.rename(a, "C")                                             # an open one may move
+    pool.released(a)
+    pool.rename(b, "C")
+    assert pool.lookup("C") is b and a.vid not in pool.meta.vdisks
+    check(pool)
+
+
+def test_orphan_unlinked_while_looked_up_is_freed_at_next_mount(pool):
     a = pool.create("A", 0)
     pool.write(a, 0, pattern(3 * CS, 14))
-    pool.opened(a)
-    pool.unlink(a)
-    assert a.name is None and a.vid in pool.meta.vdisks     # data kept while open
+    pool.unlink(a, in_use=True)                     # the kernel still knows the inode
+    assert a.name is None and a.vid in pool.meta.vdisks     # data kept until forget
     assert bytes(pool.read(a, 0, 3)) == pattern(3, 14)
     assert pool.meta.slots_in_use() == 3
     pool.sync()
@@ -614,8 +634,8 @@ def test_orphan_unlinked_while_open_is_freed_at_next_mount(pool):
 def test_forget_frees_unlinked_vdisk(pool):
     a = pool.create("A", 0)
     pool.write(a, 0, b"x")
-    pool.opened(a)
     pool.unlink(a, in_use=True)
+    pool.opened(a)                                  # opened by the inode it still has
     pool.forget(a)                                  # still open: kept
     assert a.vid in pool.meta.vdisks
     pool.released(a)
@@ -690,19 +710,20 @@ def test_torn_journal_tail_is_cut(path, damage):
     size = os.path.getsize(jpath)
     assert frames[-1][1] == size
     second_start, second_end = frames[n_first]      # first record of the second commit
-    if damage == "cut_last_bytes":
-        os.truncate(jpath, size - 3)
-    elif damage == "cut_mid_commit":
-        os.truncate(jpath, second_start + 5)
-    elif damage == "bad_crc":                       # a flipped payload byte: CRC mismatch
-        with open(jpath, "r+b") as f:
-            f.seek(second_end - 1)
-            b = f.read(1)
-            f.seek(second_end - 1)
-            f.write(bytes([b[0] ^ 0x40]))
-    else:
-        with open(jpath, "ab") as f:
-            f.write(b"\x17\x00\x00\x00garbage-garbage")
+    for copy in (jpath, jpath + layout.MIRROR):     # a crash tears both copies
+        if damage == "cut_last_bytes":
+            os.truncate(copy, size - 3)
+        elif damage == "cut_mid_commit":
+            os.truncate(copy, second_start + 5)
+        elif damage == "bad_crc":                   # a flipped payload byte: CRC mismatch
+            with open(copy, "r+b") as f:
+                f.seek(second_end - 1)
+                b = f.read(1)
+                f.seek(second_end - 1)
+                f.write(bytes([b[0] ^ 0x40]))
+        else:
+            with open(copy, "ab") as f:
+                f.write(b"\x17\x00\x00\x00garbage-garbage")
     p2 = Pool(path)
     try:
         a = p2.lookup("A")
@@ -734,6 +755,38 @@ def test_torn_journal_tail_is_cut(path, damage):
         p3.close()
 
 
+@pytest.mark.parametrize("copy", [layout.JOURNAL, layout.JOURNAL + layout.MIRROR])
+@pytest.mark.parametrize("damage", ["flip_last", "flip_middle", "truncate", "delete"])
+def test_one_damaged_journal_copy_loses_nothing(path, copy, damage):
+    """Every batch is in both copies: one flipped, truncated or deleted copy loses no
+    acknowledged record, and the next writable open rewrites it from the other."""
+    _pool_with_journal(path)
+    frames = journal_frames(path)
+    target = os.path.join(path, copy)
+    if damage.startswith("flip"):
+        _, end = frames[-2] if damage == "flip_last" else frames[2]
+        with open(target, "r+b") as f:
+            f.seek(end - 1)
+            b = f.read(1)
+            f.seek(end - 1)
+            f.write(bytes([b[0] ^ 0x01]))
+    elif damage == "truncate":
+        os.truncate(target, frames[2][0] + 3)
+    else:
+        os.unlink(target)
+    p = Pool(path)
+    try:
+        a = p.lookup("A")
+        for i in range(4):
+            assert bytes(p.read(a, i * SPAN, 8)) == b"record %d" % i
+        check(p)
+    finally:
+        p.close(commit=False)
+    with open(os.path.join(path, layout.JOURNAL), "rb") as f1, \
+            open(os.path.join(path, layout.JOURNAL + layout.MIRROR), "rb") as f2:
+        assert f1.read() == f2.read()                # healed
+
+
 def _corrupt_middle_frame(path: str, payload_for) -> None:
     frames = journal_frames(path)
     assert len(frames) >= 4
@@ -741,9 +794,11 @@ def _corrupt_middle_frame(path: str, payload_for) -> None:
     n = end - start - codec.FRAME_HEADER.size
     payload = payload_for(n)
     assert len(payload) == n
-    with open(os.path.join(path, layout.JOURNAL), "r+b") as f:
-        f.seek(start)
-        f.write(codec.FRAME_HEADER.pack(codec.FRAME_MAGIC, n, zlib.crc32(payload)) + payload)
+    for name in (layout.JOURNAL, layout.JOURNAL + layout.MIRROR):    # in both copies
+        with open(os.path.join(path, name), "r+b") as f:
+            f.seek(start)
+            f.write(codec.FRAME_HEADER.pack(codec.FRAME_MAGIC, n, zlib.crc32(payload))
+                    + payload)
 
 
 def _pool_with_journal(path: str) -> None:
@@ -763,11 +818,12 @@ def test_flipped_bit_in_journal(path, which):
     frames = journal_frames(path)
     start, end = frames[2] if which == "middle" else frames[-2]
     jpath = os.path.join(path, layout.JOURNAL)
-    with open(jpath, "r+b") as f:
-        f.seek(end - 1)
-        b = f.read(1)
-        f.seek(end - 1)
-        f.write(bytes([b[0] ^ 0x01]))
+    for copy in (jpath, jpath + layout.MIRROR):     # both copies damaged alike
+        with open(copy, "r+b") as f:
+            f.seek(end - 1)
+            b = f.read(1)
+            f.seek(end - 1)
+            f.write(bytes([b[0] ^ 0x01]))
     if which == "middle":
         with pytest.raises(FormatError, match="journal.*corrupt.*fsck --repair"):
             Pool(path)
@@ -850,8 +906,11 @@ def test_txn_record_with_bad_ops_is_format_error(path):
     assert not fsck(path).clean
 
 
-def test_stale_journal_generation_is_ignored(path):
-    """Crash between the checkpoint rename and the journal replacement."""
+@pytest.mark.parametrize("how", ["deleted", "older"])
+def test_a_missing_current_journal_is_refused_and_repair_starts_a_new_one(path, how):
+    """No journal of the checkpoint's generation (deleted, or an older generation's in its
+    place): the changes since the checkpoint would be lost, so the pool is refused by
+    name, never opened from the previous generation; fsck --repair starts a new one."""
     p = Pool(path)
     a = p.create("A", 0)
     p.write(a, 0, b"x" * 10)
@@ -859,17 +918,69 @@ def test_stale_journal_generation_is_ignored(path):
     jpath = os.path.join(path, layout.JOURNAL)
     with open(jpath, "rb") as f:
         old_journal = f.read()
-    p.checkpoint()
+    p.close()
+    for copy in (jpath, jpath + layout.MIRROR):      # both copies (one alone: no loss)
+        if how == "deleted":
+            os.unlink(copy)
+        else:
+            with open(copy, "wb") as f:
+                f.write(old_journal)
+    with pytest.raises(FormatError, match="journal.*missing"):
+        Pool(path)
+    r = repair(path)
+    assert any("journal" in e and "missing" in e for e in r.errors), r.errors
+    assert fsck(path).clean
+    p2 = Pool(path)
+    assert bytes(p2.read(p2.lookup("A"), 0, 10)) == b"x" * 10
+    p2.close()
+
+
+@pytest.mark.parametrize("stop", ["after_tmp", "after_keep", "after_journal", "done"])
+def test_a_crash_at_every_step_of_a_new_generation(path, monkeypatch, stop):
+    """layout.new_generation stopped (a crash) after each of its steps: the pool opens
+    with everything acknowledged, from the new checkpoint or from the previous
+    generation, and the next open finds the current pair again."""
+    p = Pool(path)
+    a = p.create("A", 0)
+    p.write(a, 0, b"old" * 100)
+    p.sync()
+    p.write(a, 0, b"new" * 100)                     # acknowledged by the checkpoint below
+    real_rename, real_keep = os.rename, layout.keep_previous_generation
+    steps = {"n": 0}
+
+    class Cut(Exception):
+        pass
+
+    def rename(src, dst, *args, **kw):
+        if os.path.basename(src) == layout.JOURNAL + ".tmp" and stop == "after_keep":
+            raise Cut
+        if os.path.basename(src) == layout.CHECKPOINT + ".tmp" and stop == "after_journal":
+            raise Cut
+        return real_rename(src, dst, *args, **kw)
+
+    def keep(pool_dir):
+        if stop == "after_tmp":
+            raise Cut
+        real_keep(pool_dir)
+
+    monkeypatch.setattr(layout.os, "rename", rename)
+    monkeypatch.setattr(layout, "keep_previous_generation", keep)
+    try:
+        p.checkpoint()
+    except Cut:
+        pass
+    monkeypatch.undo()
     crash(p)
-    with open(jpath, "wb") as f:                    # the old generation's journal is back
-        f.write(old_journal)
     p2 = Pool(path)
     try:
-        assert p2.replayed == 0                     # not applied twice
-        assert bytes(p2.read(p2.lookup("A"), 0, 20)) == b"x" * 10
+        assert bytes(p2.read(p2.lookup("A"), 0, 300)) == b"new" * 100
         check(p2)
     finally:
         p2.close()
+    p3 = Pool(path)
+    assert p3.loaded_from == layout.CHECKPOINT
+    assert bytes(p3.read(p3.lookup("A"), 0, 300)) == b"new" * 100
+    p3.close()
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -891,8 +1002,7 @@ def test_checkpoint_record_round_trip(pool):
     pool.write(b, SPAN + 1, b"b")
     pool.clone(b, "C")
     pool.truncate(a, SPAN + 7)
-    pool.opened(b)
-    pool.unlink(b)                                  # unlinked while open: name None
+    pool.unlink(b, in_use=True)                     # unlinked, still looked up: name None
     m = pool.meta
     rec = codec.unpackb(codec.packb(m.to_record(7)))
     assert rec["gen"] == 7 and rec["v"] == codec.FORMAT_VERSION
@@ -901,7 +1011,6 @@ def test_checkpoint_record_round_trip(pool):
     # The figures derived from it agree as well.
     for vid, vd in m.vdisks.items():
         assert m2.usage(m2.vdisks[vid]) == m.usage(vd)
-    pool.released(b)
 
 
 def test_checkpoint_then_reopen_replays_nothing(path):
@@ -972,22 +1081,36 @@ def test_newer_txn_version_is_refused(path):
         Pool(path)
 
 
-def test_flipped_bit_in_checkpoint_is_format_error(path):
-    p = Pool(path)
-    a = p.create("A", 0)
-    p.write(a, 0, b"data")
-    p.close()
-    ck = os.path.join(path, layout.CHECKPOINT)
-    with open(ck, "r+b") as f:
+def _flip(file_path: str) -> None:
+    with open(file_path, "r+b") as f:
         data = bytearray(f.read())
         data[len(data) // 2] ^= 0x10
         f.seek(0)
         f.write(data)
-    with pytest.raises(FormatError) as ei:
-        Pool(path)
-    assert layout.CHECKPOINT in str(ei.value)
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_flipped_bit_in_checkpoint(path, both):
+    """A damaged checkpoint: the previous generation gives the same state (reported by
+    fsck, put right by the next writable open); both damaged: refused, both named."""
+    p = Pool(path)
+    a = p.create("A", 0)
+    p.write(a, 0, b"data")
+    p.close()
+    _flip(os.path.join(path, layout.CHECKPOINT))
+    if both:
+        _flip(os.path.join(path, layout.CHECKPOINT_PREV))
+        with pytest.raises(FormatError) as ei:
+            Pool(path)
+        assert layout.CHECKPOINT in str(ei.value) and layout.CHECKPOINT_PREV in str(ei.value)
+        assert not fsck(path).clean
+        return
     r = fsck(path)
-    assert not r.clean
+    assert not r.clean and any(layout.CHECKPOINT in e for e in r.errors), r.errors
+    p2 = Pool(path)
+    assert bytes(p2.read(p2.lookup("A"), 0, 4)) == b"data"
+    p2.close()
+    assert fsck(path).clean
 
 
 @pytest.mark.parametrize("mutate", [
@@ -995,10 +1118,18 @@ def test_flipped_bit_in_checkpoint_is_format_error(path):
     lambda rec: rec.pop("v"),
     lambda rec: rec.update(chunk_size=3000),
 ])
-def test_bad_header_is_format_error(path, mutate):
-    rewrite_record(os.path.join(path, layout.HEADER), mutate)
-    with pytest.raises(FormatError):
-        Pool(path)
+@pytest.mark.parametrize("copies", [(layout.HEADER,), (layout.HEADER_COPY,), layout.HEADERS])
+def test_bad_header(path, mutate, copies):
+    """One bad header copy: the other is used (and the bad one rewritten); both: refused."""
+    for name in copies:
+        rewrite_record(os.path.join(path, name), mutate)
+    if len(copies) == 2:
+        with pytest.raises(FormatError):
+            Pool(path)
+        return
+    assert not fsck(path).clean
+    Pool(path).close()
+    assert fsck(path).clean
 
 
 def test_checkpoint_geometry_must_match_header(path):

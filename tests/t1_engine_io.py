@@ -27,11 +27,11 @@ class Calls:
     def __init__(self, fn):
         self.fn, self.n, self.fail = fn, 0, None
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kw):
         self.n += 1
         if self.fail is not None:
             raise OSError(self.fail, os.strerror(self.fail))
-        return self.fn(*args)
+        return self.fn(*args, **kw)
 
 
 def test_a_request_over_fresh_slots_is_one_fallocate_and_one_pwritev(pool, monkeypatch):

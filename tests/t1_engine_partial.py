@@ -38,13 +38,15 @@ def shared_pair(pool: Pool, nchunks: int = 4):
 def test_a_small_write_into_a_shared_chunk_writes_only_its_blocks(pool, monkeypatch):
     a, b, data = shared_pair(pool)
     written = []
-    writev = pool.store.writev
-    monkeypatch.setattr(pool.store, "writev",
-                        lambda s, o, v: (written.append(sum(len(x) for x in v)),
-                                         writev(s, o, v)))
-    reads = []
-    read = pool.store.read
-    monkeypatch.setattr(pool.store, "read", lambda s: (reads.append(s), read(s))[1])
+    writev = pool.store.writev_at
+    monkeypatch.setattr(pool.store, "writev_at",
+                        lambda pos, v: (written.append(sum(len(x) for x in v)),
+                                        writev(pos, v)))
+    reads = []                                           # whole-chunk reads
+    read = pool.store.read_at
+    monkeypatch.setattr(pool.store, "read_at",
+                        lambda pos, n: (reads.append(pos) if n >= CS else None,
+                                        read(pos, n))[1])
     new = pattern(100, 2)
     pool.write(a, CS + 5000, new)                    # inside block 1 of chunk 1
     assert written == [BS] and reads == []           # one block; no whole-chunk read
@@ -186,7 +188,7 @@ def test_a_format_1_pool_opens_and_is_upgraded(path):
     assert bytes(pool.read(pool.lookup("A"), 0, 2 * CS)) == pattern(2 * CS, 4)
     pool.close()
     with open(ck, "rb") as f:
-        assert codec.read_single_record(f.read(), ck)["v"] == 2
+        assert codec.read_single_record(f.read(), ck)["v"] == codec.FORMAT_VERSION
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

@@ -20,6 +20,7 @@ from pyfuse3 import FUSEError
 from support.engine import crash, new_pool
 
 from vdiskfs.cow.codec import FormatError
+from vdiskfs.cow.fsck import fsck
 from vdiskfs.cow.pool import Pool
 from vdiskfs.fs.operations import CTL, ROOT, VDISK_BASE, Operations
 
@@ -201,8 +202,8 @@ async def test_unlink_while_looked_up_keeps_data_until_forget(ops):
     ino = await make(ops, b"A", b"\x42" * (3 * CS))
     vid = ino - VDISK_BASE
     assert ops.lookups[vid] == 1
-    fi = await ops.open(ino, os.O_RDONLY, CTX)
     await ops.unlink(ROOT, b"A", CTX)
+    fi = await ops.open(ino, os.O_RDONLY, CTX)      # by the inode the kernel still has
     # The name is gone ...
     assert await fuse_errno(ops.lookup(ROOT, b"A", CTX)) == errno.ENOENT
     assert pool.lookup("A") is None
@@ -242,16 +243,21 @@ async def test_unlink_of_forgotten_vdisk_frees_at_once(ops):
     assert ops.pool.meta.slots_in_use() == 0
 
 
-async def test_unlinked_open_vdisk_freed_on_release_when_not_looked_up(ops):
+async def test_an_open_vdisk_is_not_deleted_or_replaced(ops):
+    """rm or mv onto a VDisk a loop device (or anything) holds open: EBUSY, and it keeps
+    working; once released it may go."""
     ino = await make(ops, b"A", b"x" * CS)
+    await make(ops, b"B", b"b")
     fi = await ops.open(ino, os.O_RDWR, CTX)
+    assert await fuse_errno(ops.unlink(ROOT, b"A", CTX)) == errno.EBUSY
+    assert await fuse_errno(ops.rename(ROOT, b"B", ROOT, b"A", 0, CTX)) == errno.EBUSY
+    await ops.write(fi.fh, CS, b"more")
+    assert bytes(await ops.read(fi.fh, CS, 4)) == b"more"
+    await ops.release(fi.fh)
     await ops.forget([(ino, 1)])
     await ops.unlink(ROOT, b"A", CTX)
-    assert ops.pool.get(ino - VDISK_BASE) is not None   # open: kept
-    await ops.write(fi.fh, CS, b"more")
-    await ops.release(fi.fh)
     assert ops.pool.get(ino - VDISK_BASE) is None
-    assert ops.pool.meta.slots_in_use() == 0
+    assert ops.pool.meta.slots_in_use() == 1
 
 
 # ---------------------------------------------------------------------------- rename
@@ -444,21 +450,45 @@ async def test_unexpected_exception_becomes_eio(ops, monkeypatch, caplog):
     await ops.release(fi.fh)
 
 
-async def test_failed_fsync_reports_error_and_keeps_records(ops, monkeypatch):
+@pytest.mark.parametrize("which", ["data", "journal"])
+async def test_a_failed_fdatasync_stops_the_pool(ops, monkeypatch, pool_path, which):
+    """fsyncgate: after a failed fdatasync the kernel may have dropped the pages that
+    failed, so a retry that "succeeds" proves nothing. That fsync and every later write
+    and fsync fail with EIO; reads go on; nothing more is written; fsck says why, and the
+    next open (which clears it) has everything acknowledged before the failure."""
+    from vdiskfs.cow import chunkstore, journal
     ino = await make(ops, b"A")
     fi = await ops.open(ino, os.O_RDWR, CTX)
-    await ops.write(fi.fh, 0, b"x" * 10)
+    await ops.write(fi.fh, 0, b"acked" * 10)
+    await ops.fsync(fi.fh, False)
+    await ops.write(fi.fh, CS, b"y" * 10)
+    real = os.fdatasync
 
-    def eio():
+    def eio(fd):
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(ops.pool.store, "sync", eio)
+    monkeypatch.setattr((chunkstore if which == "data" else journal).os, "fdatasync", eio)
     assert await fuse_errno(ops.fsync(fi.fh, False)) == errno.EIO
-    assert ops.pool.journal.buffer                  # kept for the next try
     monkeypatch.undo()
-    await ops.fsync(fi.fh, False)
-    assert not ops.pool.journal.buffer
+    assert real is os.fdatasync
+    assert ops.pool.failed and "fdatasync" in ops.pool.failed
+    assert await fuse_errno(ops.fsync(fi.fh, False)) == errno.EIO      # no retry
+    assert await fuse_errno(ops.write(fi.fh, 0, b"z")) == errno.EIO
+    assert await fuse_errno(ops.create(ROOT, b"B", stat.S_IFREG | 0o600,
+                                       os.O_RDWR | os.O_CREAT, CTX)) == errno.EIO
+    assert bytes(await ops.read(fi.fh, 0, 5)) == b"acked"               # reads go on
     await ops.release(fi.fh)
+    journal_size = os.path.getsize(os.path.join(pool_path, "journal"))
+    ops.pool.close()                               # an unmount writes no checkpoint now
+    assert os.path.getsize(os.path.join(pool_path, "journal")) == journal_size
+    r = fsck(pool_path)
+    assert any("stopped writing" in e for e in r.errors), r.errors
+    p2 = Pool(pool_path)
+    try:
+        assert bytes(p2.read(p2.lookup("A"), 0, 50)) == b"acked" * 10
+    finally:
+        p2.close()
+    assert fsck(pool_path).clean
 
 
 # ---------------------------------------------------------------------------- .ctl files

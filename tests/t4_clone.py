@@ -192,7 +192,7 @@ def assert_ok(proc: subprocess.CompletedProcess) -> str:
 def test_ctl_files_exist_with_modes(mount):
     ctl_dir = os.path.join(mount.mnt, ".ctl")
     assert os.path.isdir(ctl_dir)
-    assert sorted(os.listdir(ctl_dir)) == ["clone", "jobs", "status"]
+    assert sorted(os.listdir(ctl_dir)) == ["clone", "jobs", "scrub", "status"]
     modes = {n: os.stat(ctl_path(mount.mnt, n)).st_mode for n in ("clone", "status", "jobs")}
     for name, mode in modes.items():
         assert (mode & 0o170000) == 0o100000, f"{name} is not a regular file: {oct(mode)}"

@@ -7,10 +7,12 @@ user errors never show a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -111,9 +113,22 @@ def cmd_umount(args: argparse.Namespace) -> int:
     lock = os.path.join(pools[-1], layout.LOCK)
     with open(lock) as f:
         pid = int(f.read().strip() or 0)
-    proc = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
-    if proc.returncode:
-        raise UserError(proc.stderr.strip() or f"fusermount3 -u {mnt} failed")
+    from .ctl.users import describe, users
+    if args.force:
+        # The daemon flushes what it has and detaches: users of the VDisks get EIO.
+        if not pid or not _alive(pid):
+            raise UserError(f"no daemon serves {mnt}")
+        os.kill(pid, signal.SIGTERM)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)     # the second one detaches even while in use
+    else:
+        busy = users(mnt)
+        if busy:
+            raise UserError(f"{mnt} is in use, not unmounted: {describe(busy)} "
+                            "(stop them first, or 'vdiskfs umount --force' detaches them)")
+        proc = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+        if proc.returncode:
+            raise UserError(proc.stderr.strip() or f"fusermount3 -u {mnt} failed")
     # The daemon checkpoints and exits after the kernel lets go: wait until it has
     # released the pool lock and is gone, so a remount or fsck can follow at once.
     deadline = time.monotonic() + args.timeout
@@ -204,30 +219,95 @@ def cmd_clone(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_fsck(args: argparse.Namespace) -> int:
-    from .cow.fsck import Severity, fsck, repair
-    logging.getLogger("vdiskfs").setLevel(logging.ERROR)   # the report says it all
-    if not os.path.exists(os.path.join(args.pool, layout.HEADER)):
-        raise UserError(f"{args.pool} is not a vdiskfs pool")
+def cmd_scrub(args: argparse.Namespace) -> int:
+    """Start the daemon's scrub (or follow the one running) and report: exit 0 when no
+    block is damaged, 1 when some are (their VDisk ranges are listed)."""
+    import json
+    mnt = find_mount(args.mount)
+    ctl = os.path.join(mnt, ".ctl", "scrub")
     try:
-        report = (repair if args.repair else fsck)(args.pool)
+        with open(ctl, "w") as f:
+            f.write("start\n")
+    except OSError as e:
+        if e.errno != errno.EBUSY:
+            raise UserError(f"cannot start a scrub of {mnt}: {e.strerror}") from None
+        print(f"a scrub of {mnt} is running: following it", file=sys.stderr)
+    tty = sys.stderr.isatty() and not args.json
+    while True:
+        with open(ctl) as f:
+            status = client.parse_scrub(f.read())
+        if tty:
+            done, total = status.get("checked", 0), status.get("total", 0) or 1
+            pct = min(100, done * 100 // total)
+            bar = "#" * (pct * 40 // 100)
+            sys.stderr.write(f"\rscrub [{bar:<40}] {pct:3d}% {done >> 20}/{total >> 20} "
+                             f"MiB, {status.get('damaged_blocks', 0)} damaged")
+            sys.stderr.flush()
+        if status["state"] != "running":
+            break
+        time.sleep(0.2)
+    if tty:
+        sys.stderr.write("\n")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        for vd, start, end in status["ranges"]:
+            print(f"damaged: VDisk {vd} bytes {start}-{end}")
+        print(f"scrub {status['state']}: {status.get('checked', 0)} bytes checked, "
+              f"{status.get('damaged_blocks', 0)} damaged block(s), "
+              f"{status.get('torn_blocks', 0)} torn block(s) of a crash accepted")
+    if status["state"] not in ("done", "cancelled"):
+        raise UserError(f"scrub {status['state']}: see {find_pool(mnt)}/daemon.log")
+    return 1 if status.get("damaged_blocks") else 0
+
+
+def find_pool(mnt: str) -> str:
+    return next((p for p, m in vdiskfs_mounts() if m == mnt), "POOL")
+
+
+FSCK_CLEAN, FSCK_CORRECTED, FSCK_UNCORRECTED, FSCK_FAILED = 0, 1, 4, 8   # as e2fsck's
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    """Exit 0 clean, 1 errors corrected, 4 errors left, 8 could not check (as e2fsck)."""
+    from .cow.fsck import Severity, fsck, repair
+    logging.getLogger("vdiskfs").setLevel(logging.CRITICAL)   # the report says it all
+    if not layout.is_pool(args.pool):
+        print(f"vdiskfs: {args.pool} is not a vdiskfs pool", file=sys.stderr)
+        return FSCK_FAILED
+    try:
+        report = fsck(args.pool, data=args.data)
+        if args.repair and not report.clean:
+            report = repair(args.pool, data=args.data)
+            fixed = True
+        else:
+            fixed = False
     except PoolBusy as e:
-        raise UserError(f"{e}: unmount it first") from None
+        print(f"vdiskfs: {e}: unmount it first", file=sys.stderr)
+        return FSCK_FAILED
+    except OSError as e:
+        print(f"vdiskfs: cannot check {args.pool}: {e}", file=sys.stderr)
+        return FSCK_FAILED
     for f in report.findings:   # INFO is a note; LEAK, ERROR, LOST are problems
         label = "note" if f.severity == Severity.INFO else f.severity.name.lower()
         print(f"{label}: {f.text}")
     stats = " ".join(f"{k}={v}" for k, v in report.stats.items())
-    if report.clean:
-        print(f"{args.pool}: {'repaired' if args.repair else 'clean'} ({stats})")
-        return 0
-    if args.repair:
-        print(f"{args.pool}: repaired; {len(report.errors)} thing(s) could not be saved "
-              "(see above)", file=sys.stderr)
-        return 0 if not any(e.startswith(("cannot repair", "still wrong"))
-                            for e in report.errors) else 1
-    print(f"{args.pool}: {len(report.errors)} problem(s) found; "
-          f"'vdiskfs fsck --repair {args.pool}' rebuilds what it can", file=sys.stderr)
-    return 1
+    left = [e for e in report.errors if e.startswith(("cannot repair", "still wrong"))]
+    if not fixed:
+        if report.clean:
+            print(f"{args.pool}: clean ({stats})")
+            return FSCK_CLEAN
+        print(f"{args.pool}: {len(report.errors)} problem(s) found, nothing changed; "
+              f"'vdiskfs fsck --repair {args.pool}' repairs what it can", file=sys.stderr)
+        return FSCK_UNCORRECTED
+    if left:
+        print(f"{args.pool}: {len(left)} problem(s) could not be repaired (see above)",
+              file=sys.stderr)
+        return FSCK_UNCORRECTED
+    lost = len(report.errors)
+    print(f"{args.pool}: repaired ({stats})" + (
+        f"; {lost} thing(s) could not be saved (see above)" if lost else ""))
+    return FSCK_CORRECTED
 
 
 # ---------------------------------------------------------------- parser
@@ -262,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint")
     u.add_argument("--timeout", type=float, default=300.0,
                    help="seconds to wait for the daemon to release the pool (default 300)")
+    u.add_argument("--force", action="store_true",
+                   help="unmount even while VDisks are in use: the daemon flushes and "
+                        "detaches, their users get EIO")
     u.set_defaults(func=cmd_umount)
 
     c = sub.add_parser("create", help="create a VDisk of a given size")
@@ -276,11 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_clone_args(cl)
     cl.set_defaults(func=cmd_clone)
 
+    sc = sub.add_parser("scrub", help="read and check every block of a mounted pool")
+    sc.add_argument("--mount", help="the vdiskfs mount (default: $VDISKFS_MOUNT or the only one)")
+    sc.add_argument("--json", action="store_true", help="print the summary as JSON")
+    sc.set_defaults(func=cmd_scrub)
+
     f = sub.add_parser("fsck", help="check an unmounted pool (and repair it)")
     f.add_argument("pool")
     f.add_argument("--repair", action="store_true",
                    help="salvage the journal up to any damage, rebuild refcounts from the "
                         "maps, free leaked slots; reports what could not be saved")
+    f.add_argument("--data", action="store_true",
+                   help="also read every block of data and check it against its checksum")
     f.set_defaults(func=cmd_fsck)
     return p
 

@@ -661,11 +661,15 @@ class Rig:
             self.notes.append(f"cleanup: {e}")
 
     def checkpoint_gen(self) -> int:
-        """Generation of the pool's checkpoint file (read from the backing fs)."""
+        """Generation of the pool's checkpoint (read from the backing fs): the current
+        one, or in a cut between the renames of a new generation the previous one."""
         from vdiskfs.cow import codec, layout
-        path = os.path.join(self.pool, layout.CHECKPOINT)
-        with open(path, "rb") as f:
-            return codec.read_single_record(f.read(), path)["gen"]
+        for name in (layout.CHECKPOINT, layout.CHECKPOINT_PREV):
+            path = os.path.join(self.pool, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    return codec.read_single_record(f.read(), path)["gen"]
+        raise FileNotFoundError(f"{self.pool}: no checkpoint")
 
     def daemon_log(self, lines: int = 40) -> str:
         try:

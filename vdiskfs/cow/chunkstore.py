@@ -1,8 +1,11 @@
-"""Chunk data: fixed-size slots in one sparse data file.
+"""Chunk data and its checksums: fixed-size slots in one sparse data file, and the sum of
+every 4 KiB block of it in the sums file (docs/FORMAT.md).
 
-The data path (datapath.py) talks to this interface only in slots and offsets within a chunk:
-read into a buffer, write, sync, release. A later backend (objects in RADOS or S3) can
-implement the same calls with immutable objects and never-reused ids.
+The data path (datapath.py) talks to this interface only in slots and offsets within a
+chunk: read into a buffer, write, sums of data-file blocks (block *g* is bytes
+[g * 4096, (g + 1) * 4096) of the data file; its sum is at g * 8 in the sums file), sync,
+release. A later backend (objects in RADOS or S3) can implement the same calls with
+immutable objects and never-reused ids.
 """
 
 from __future__ import annotations
@@ -12,6 +15,11 @@ import ctypes.util
 import errno
 import logging
 import os
+from array import array
+from sys import byteorder
+
+from .checksum import SUM_SIZE
+from .errors import fatal
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +49,17 @@ def _runs(slots: list[int]):
 
 
 class ChunkStore:
-    def __init__(self, path: str, chunk_size: int, *, readonly: bool = False):
+    def __init__(self, path: str, chunk_size: int, *, readonly: bool = False,
+                 sums_path: str | None = None):
         self.chunk_size = chunk_size
-        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT), 0o600)
+        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+        self.fd = os.open(path, flags, 0o600)
+        try:
+            self.sfd = os.open(sums_path or path + ".sums", flags, 0o600)
+        except FileNotFoundError:
+            if not readonly:
+                raise
+            self.sfd = -1          # read-only, none yet (format 2): every sum reads as 0
         # Bytes past the end of the file read as zeros, and so do slots punched by this
         # process: such a slot may be written partially. Others may hold stale bytes.
         self.eof = os.fstat(self.fd).st_size
@@ -69,7 +85,11 @@ class ChunkStore:
                     if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                         # All or nothing: a failed fallocate may have allocated part of
                         # its range; the caller frees these slots, so give it back.
-                        self.release(slots)
+                        try:
+                            self.release(slots)
+                        except OSError as again:
+                            log.warning("giving back the space of slots that could not be "
+                                        "reserved: %s", again)
                         raise
                     self.can_allocate = False
                 else:
@@ -84,6 +104,17 @@ class ChunkStore:
         """Up to ``size`` bytes from the slot (short past EOF: those read as zeros)."""
         return os.pread(self.fd, size, slot * self.chunk_size + off)
 
+    def read_at(self, pos: int, size: int) -> bytes:
+        """``size`` bytes at data-file position ``pos`` (zeros past its end)."""
+        data = os.pread(self.fd, size, pos)
+        return data if len(data) == size else data + bytes(size - len(data))
+
+    def readinto_at(self, pos: int, buf: memoryview) -> None:
+        """Fill ``buf`` from data-file position ``pos``; past its end ``buf`` is zeroed."""
+        n = os.preadv(self.fd, [buf], pos)
+        if n < len(buf):
+            buf[n:] = bytes(len(buf) - n)
+
     def read(self, slot: int) -> bytearray:
         buf = bytearray(self.chunk_size)
         self.readinto(slot, 0, memoryview(buf))
@@ -95,7 +126,10 @@ class ChunkStore:
     def writev(self, slot: int, off: int, views: list[memoryview]) -> None:
         """Write the buffers back to back from ``off`` in ``slot`` (on into the following
         slots): one pwritev for a run of consecutive slots."""
-        pos = slot * self.chunk_size + off
+        self.writev_at(slot * self.chunk_size + off, views)
+
+    def writev_at(self, pos: int, views: list[memoryview]) -> None:
+        """Write the buffers back to back from data-file position ``pos``."""
         self.unsynced = True
         try:
             while views:
@@ -106,12 +140,43 @@ class ChunkStore:
                     views = views[1:]
                 if n:
                     views = [views[0][n:]] + views[1:]
-        except OSError:
+        except OSError as e:
             # Even a failed write may have grown the file: bytes below EOF are not zeros.
             self.eof = max(self.eof, os.fstat(self.fd).st_size)
-            raise
+            raise fatal(e, "writing the data file") from None
         if pos > self.eof:
             self.eof = pos
+
+    # ------------------------------------------------------------ checksums
+    def read_sums(self, g: int, n: int) -> array:
+        """The sums of data-file blocks [g, g + n) (0 where the sums file ends)."""
+        data = os.pread(self.sfd, n * SUM_SIZE, g * SUM_SIZE) if self.sfd >= 0 else b""
+        a = array("Q")
+        a.frombytes(data[:len(data) // SUM_SIZE * SUM_SIZE])
+        if byteorder != "little":
+            a.byteswap()
+        if len(a) < n:
+            a.extend(array("Q", bytes(8 * (n - len(a)))))
+        return a
+
+    def write_sums(self, g: int, sums: array) -> None:
+        if byteorder != "little":
+            sums = array("Q", sums)
+            sums.byteswap()
+        self.unsynced = True
+        view = memoryview(sums).cast("B")
+        pos = g * SUM_SIZE
+        try:
+            while view:
+                n = os.pwrite(self.sfd, view, pos)
+                pos += n
+                view = view[n:]
+        except OSError as e:
+            raise fatal(e, "writing the sums file") from None
+
+    def sums_size(self) -> int:
+        """How many blocks the sums file covers."""
+        return os.fstat(self.sfd).st_size // SUM_SIZE if self.sfd >= 0 else 0
 
     def take_unsynced(self) -> bool:
         """Was anything written since the last call? (A commit asks, on the loop thread,
@@ -119,8 +184,12 @@ class ChunkStore:
         was, self.unsynced = self.unsynced, False
         return was
 
-    def sync(self) -> None:
-        os.fdatasync(self.fd)
+    def sync(self, data: bool = True) -> None:
+        for fd, what in ((self.fd, "data"), (self.sfd, "sums"))[0 if data else 1:]:
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                raise fatal(e, f"fdatasync of the {what} file", sync=True) from None
 
     def release(self, slots: list[int]) -> None:
         """Give the space of durably freed slots back to the backing filesystem."""
@@ -137,17 +206,20 @@ class ChunkStore:
                                 "their space until reused")
                     self.can_punch = False
                     return
-                log.warning("punching freed slots %d-%d failed: %s", first, first + count - 1, e)
-            else:
-                self.punched.update(range(first, first + count))
+                raise fatal(e, f"punching freed slots {first}-{first + count - 1}",
+                            sync=True) from None
+            self.punched.update(range(first, first + count))
 
     def file_size(self) -> int:
         return os.fstat(self.fd).st_size
 
     def allocated_bytes(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512
+        sums = os.fstat(self.sfd).st_blocks if self.sfd >= 0 else 0
+        return (os.fstat(self.fd).st_blocks + sums) * 512
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for name in ("fd", "sfd"):
+            fd = getattr(self, name, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)

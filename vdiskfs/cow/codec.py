@@ -18,7 +18,7 @@ import msgpack
 
 #: Version of every record this code writes; the history is in docs/FORMAT.md. Bump it
 #: (and teach ``check_version`` a migration) whenever a record's meaning changes.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 FRAME_MAGIC = b"VDF1"
 FRAME_HEADER = struct.Struct("<4sII")
@@ -27,6 +27,10 @@ MAX_FRAME = 1 << 31
 
 class FormatError(Exception):
     """Metadata that cannot be trusted: corrupt, torn or from an unknown format."""
+
+
+class NewerFormat(FormatError):
+    """Written by a newer vdiskfs: refused, never replaced by an older copy."""
 
 
 def packb(obj: Any) -> bytes:
@@ -117,7 +121,7 @@ def check_version(rec: dict, kind: str, what: str) -> None:
     if not isinstance(v, int) or v < 1:
         raise FormatError(f"{what}: missing format version")
     if v > FORMAT_VERSION:
-        raise FormatError(
+        raise NewerFormat(
             f"{what}: format version {v} is newer than this vdiskfs supports "
             f"({FORMAT_VERSION}); upgrade vdiskfs")
 

@@ -23,29 +23,63 @@ whole state instead and starts the next journal generation (docs/FORMAT.md).
 from __future__ import annotations
 
 import errno
+import logging
+import os
 import time
 
-from . import codec, layout
+from . import codec, journal as journal_mod, layout
 from .chunkstore import ChunkStore
-from .errors import VDiskError
+from .errors import StoreFailed, VDiskError
 from .journal import Journal
 from .meta import Metadata, VDisk
 from .space import Space
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_JOURNAL_BYTES = 64 << 20
+FAILED = "failed"        # POOL/failed: why the pool stopped writing (for fsck)
+
+
+class FailStop:
+    """Set once a pool file may have lost acknowledged-to-be writes (errors.StoreFailed):
+    from then on every write and fsync fails with EIO, reads go on; only a new open
+    clears it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.reason: str | None = None
+
+    def fail(self, e: BaseException) -> None:
+        if self.reason is not None:
+            return
+        self.reason = str(e)
+        log.error("pool %s stops writing (fail-stop): %s; reads go on, writes and fsyncs "
+                  "fail with EIO until it is mounted again", self.path, self.reason)
+        try:
+            with open(os.path.join(self.path, FAILED), "w") as f:
+                f.write(self.reason + "\n")
+        except OSError:
+            pass   # the disk may be what failed: the log has it
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise VDiskError(errno.EIO, f"the pool stopped writing after an I/O error: "
+                                        f"{self.reason}")
 
 
 class Transactions:
-    def __init__(self, meta: Metadata, journal: Journal, readonly: bool):
+    def __init__(self, meta: Metadata, journal: Journal, readonly: bool, failstop: FailStop):
         self.meta = meta
         self.journal = journal
         self.readonly = readonly
+        self.failstop = failstop
         self._ops: list | None = None
         self._times: dict[int, int] = {}   # vid -> mtime_ns not journaled yet
 
     def check_writable(self) -> None:
         if self.readonly:
             raise VDiskError(errno.EROFS, "pool is open read-only")
+        self.failstop.check()
 
     def __enter__(self) -> "Transactions":
         assert self._ops is None, "nested transaction"
@@ -92,12 +126,12 @@ class Commit:
         self.token = c.space.begin_commit()
         # No data written since the last data sync (a clone, a rename): skip the fdatasync,
         # a disk cache flush on its own.
-        self.sync_data = c.store.take_unsynced() and c.sync_data
+        self.sync_data = c.store.take_unsynced()
 
     def run(self) -> None:
         c = self.c
         if self.sync_data:
-            c.store.sync()
+            c.store.sync(data=c.sync_data)
         if self.data:
             c.journal.write_at(self.offset, self.data)
         c.store.release(self.token.slots)
@@ -115,24 +149,35 @@ class Commit:
 
 
 class Checkpoint(Commit):
-    """A commit that writes the whole state and starts a fresh journal generation."""
+    """A commit, then the whole state as a new checkpoint with a fresh journal generation.
+    The commit part goes to the journal first, so that the previous generation (kept as
+    a fallback, docs/FORMAT.md) replays to the same state as the new checkpoint."""
 
     def __init__(self, c: "Commits"):
         super().__init__(c)
         self.gen = c.journal.gen + 1
-        self.record = codec.frame_record(c.meta.to_record(self.gen))
+        self.record = codec.frame_record(c.meta.to_record(self.gen, c.uuid))
+        self.committed = False
 
     def run(self) -> None:
         c = self.c
         if self.sync_data:
-            c.store.sync()
-        layout.write_file_atomic(c.path, layout.CHECKPOINT, self.record)
-        c.journal.replace(self.gen)
+            c.store.sync(data=c.sync_data)
+        if self.data:
+            c.journal.write_at(self.offset, self.data)
+        self.committed = True
+        layout.new_generation(c.path, self.record, journal_mod.header_frame(self.gen, c.uuid))
+        c.journal.reopen(self.gen)
         c.store.release(self.token.slots)
 
     def finish(self) -> None:
-        self.offset = self.c.journal.end
-        self.data = b""
+        self.c.space.finish(self.token)
+
+    def abort(self) -> None:
+        if not self.committed:
+            super().abort()
+            return
+        # The journal has the batch; only the checkpoint failed (e.g. no room for it).
         super().finish()
 
 
@@ -140,17 +185,28 @@ class Commits:
     """Makes the pool's changes durable: prepares commits and checkpoints, runs them."""
 
     def __init__(self, path: str, meta: Metadata, space: Space, store: ChunkStore,
-                 journal: Journal, txn: Transactions, sync_data: bool = True):
+                 journal: Journal, txn: Transactions, uuid: str, sync_data: bool = True):
         self.path = path
+        self.uuid = uuid
         self.meta = meta
         self.space = space
         self.store = store
         self.journal = journal
         self.txn = txn
-        self.sync_data = sync_data  # False only for the test that proves the fsync test fails
+        # False only for the test that proves the power-loss test fails: the data file is
+        # never fdatasync'd (its sums still are).
+        self.sync_data = sync_data
 
     def prepare(self, checkpoint: bool = False) -> Commit:
+        self.txn.failstop.check()
         return Checkpoint(self) if checkpoint else Commit(self)
+
+    def aborted(self, batch: Commit, e: BaseException) -> None:
+        """After ``batch.run`` raised ``e``: undo, and stop the pool if ``e`` may have lost
+        data (a retry must not be trusted)."""
+        batch.abort()
+        if isinstance(e, StoreFailed):
+            self.txn.failstop.fail(e)
 
     def wants_checkpoint(self) -> bool:
         return self.journal.size() > CHECKPOINT_JOURNAL_BYTES
@@ -164,7 +220,7 @@ class Commits:
         batch = self.prepare(checkpoint)
         try:
             batch.run()
-        except BaseException:
-            batch.abort()
+        except BaseException as e:
+            self.aborted(batch, e)
             raise
         batch.finish()

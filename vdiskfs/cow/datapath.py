@@ -17,17 +17,66 @@ A write is planned, then done, then published:
 3. *publish*: the caller applies the plan's ops, in order, in its transaction. Nothing
    ever points at data that is not written yet.
 
+Checksums: every 4 KiB block of the data file has its sum in the sums file
+(checksum.py). A write computes the sums of the blocks it writes (widening a write that
+is not block-aligned by the current bytes of its edge blocks, themselves verified) and
+writes them beside the data; a fresh slot gets the sums of all its blocks. Every read
+verifies every block it returns. A block that fails is never served: the read fails with
+EIO, the damage is logged once per block and counted (``Damage``). Only a *cold* slot is
+trusted that far: a *hot* one (meta.py) may hold a block an in-place write was cutting
+when the pool crashed, so in the slots that were hot when the pool was opened (the
+*suspects*) a mismatch is an unacknowledged write cut short, and its bytes are accepted
+as they are (logged and counted apart) until every block of the slot was checked.
+In-place writes go only into hot slots; a write into a cold slot copies it on write
+into a fresh slot, which is hot from birth.
+
 Reads merge runs of consecutive slots into one pread; holes read as zeros, partial slots
 read their blocks from the slot and the rest from the base.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+from array import array
 from typing import Callable
 
+from . import checksum
+from .checksum import BLOCK
 from .chunkstore import ChunkStore
+from .errors import VDiskError
 from .meta import Metadata, VDisk
 from .space import Space
+
+log = logging.getLogger(__name__)
+
+
+class Damage:
+    """Blocks that failed their checksum (and torn ones accepted), counted per VDisk."""
+
+    def __init__(self):
+        self.errors: dict[int, int] = {}     # vid -> blocks that failed a read
+        self.logged: set[int] = set()        # data-file blocks already logged
+        self.bad_blocks = 0                  # distinct blocks found bad
+        self.torn_accepted = 0               # suspect blocks accepted as they are
+
+    def bad(self, vd: VDisk, voff: int, g: int) -> None:
+        self.errors[vd.vid] = self.errors.get(vd.vid, 0) + 1
+        if g not in self.logged:
+            self.logged.add(g)
+            self.bad_blocks += 1
+            log.error("checksum mismatch: VDisk %s bytes %d-%d (data file block %d): "
+                      "the read fails with EIO", vd.name or vd.vid, voff, voff + BLOCK - 1, g)
+
+    def accepted(self, vd: VDisk, voff: int, g: int) -> None:
+        self.torn_accepted += 1
+        log.warning("VDisk %s bytes %d-%d (data file block %d): checksum mismatch in a "
+                    "slot written in place when the pool crashed: an unacknowledged write "
+                    "cut short; accepted as it is", vd.name or vd.vid, voff,
+                    voff + BLOCK - 1, g)
+
+    def total(self) -> int:
+        return sum(self.errors.values())
 
 
 class DataPath:
@@ -37,23 +86,28 @@ class DataPath:
         self.store = store
         self.cs = meta.chunk_size
         self.pe = meta.page_entries
+        self.nb = self.cs // BLOCK           # sums per slot
         self.zero = bytes(self.cs)
+        self.verify = True                   # False only for a format 2 pool read as it is
+        self.accept = True                   # False read-only: fsck reports, never fixes
+        self.suspect: set[int] = set()       # slots hot when the pool was opened
+        self.damage = Damage()
 
     # ------------------------------------------------------------ reads
     def read(self, vd: VDisk, off: int, size: int) -> bytes | bytearray:
         """Bytes [off, off + size) of the VDisk's address space (the caller clips to its
-        size)."""
+        size), every block verified."""
         cs, pe = self.cs, self.pe
-        store, partial = self.store, self.meta.partial
+        partial = self.meta.partial
         cidx, coff = divmod(off, cs)
         if coff + size <= cs:                       # within one chunk (small reads)
             slot = self.meta.slot_of(vd, cidx)
             if not slot:
                 return bytes(size)
             if slot not in partial:
-                return _padded(store.pread(slot, coff, size), size)
+                return self._read_run(vd, off, slot * cs + coff, size)
         ptab, pages = vd.ptab, self.meta.pages
-        runs = []   # [buffer position, slot, offset in slot, length]: consecutive slots merged
+        runs = []   # [buffer position, data-file position, length]: consecutive merged
         pos = 0
         while pos < size:
             cidx, coff = divmod(off + pos, cs)
@@ -64,33 +118,58 @@ class DataPath:
             if slot:
                 for src, soff, ln in (self._sources(slot, coff, n) if slot in partial
                                       else ((slot, coff, n),)):
+                    at = src * cs + soff
                     last = runs[-1] if runs else None
-                    if (last and last[0] + last[3] == pos
-                            and last[1] * cs + last[2] + last[3] == src * cs + soff):
-                        last[3] += ln
+                    if last and last[0] + last[2] == pos and last[1] + last[2] == at:
+                        last[2] += ln
                     else:
-                        runs.append([pos, src, soff, ln])
+                        runs.append([pos, at, ln])
                     pos += ln
             else:
                 pos += n
-        if len(runs) == 1 and runs[0][3] == size:
+        if len(runs) == 1 and runs[0][2] == size:
             # One run (most requests): one pread, no zero-filled buffer to fill.
-            return _padded(store.pread(runs[0][1], runs[0][2], size), size)
+            return self._read_run(vd, off, runs[0][1], size)
         out = bytearray(size)
         mv = memoryview(out)
-        for pos, slot, coff, n in runs:
-            store.readinto(slot, coff, mv[pos:pos + n])
+        for pos, at, n in runs:
+            if at % BLOCK or n % BLOCK:
+                mv[pos:pos + n] = self._read_run(vd, off + pos, at, n)
+            else:
+                self.store.readinto_at(at, mv[pos:pos + n])
+                self._verify(vd, off + pos, at // BLOCK, mv[pos:pos + n])
         return out
 
-    def read_chunk(self, slot: int) -> bytearray:
-        """A chunk's whole contents (partial slots merged with their base)."""
-        if slot not in self.meta.partial:
-            return self.store.read(slot)
-        buf = bytearray(self.cs)
-        mv = memoryview(buf)
-        for src, off, n in self._sources(slot, 0, self.cs):
-            self.store.readinto(src, off, mv[off:off + n])
-        return buf
+    def _read_run(self, vd: VDisk, voff: int, at: int, n: int) -> bytes:
+        """``n`` verified bytes at data-file position ``at``, which holds VDisk byte
+        ``voff``: whole blocks are read and checked, the range is cut out of them."""
+        start, end = at // BLOCK * BLOCK, -(-(at + n) // BLOCK) * BLOCK
+        data = self.store.read_at(start, end - start)
+        self._verify(vd, voff - (at - start), start // BLOCK, memoryview(data))
+        return data if (start, end) == (at, at + n) else data[at - start:at - start + n]
+
+    def _verify(self, vd: VDisk, voff: int, g0: int, view: memoryview) -> None:
+        """Check the blocks of ``view`` (data-file blocks from ``g0``, VDisk bytes from
+        ``voff``) against their sums: EIO for a damaged one."""
+        if not self.verify:
+            return
+        bad = checksum.mismatches(view, self.store.read_sums(g0, len(view) // BLOCK))
+        failed = False
+        for i in bad:
+            g = g0 + i
+            if self.accept and g // self.nb in self.suspect:
+                block = view[i * BLOCK:(i + 1) * BLOCK]
+                self.store.write_sums(g, array("Q", [checksum.sum_of(block)]))
+                self.damage.accepted(vd, voff + i * BLOCK, g)
+            else:
+                self.damage.bad(vd, voff + i * BLOCK, g)
+                failed = True
+        if failed:
+            raise VDiskError(errno.EIO, f"checksum mismatch in VDisk {vd.name or vd.vid}")
+
+    def read_chunk(self, vd: VDisk, cidx: int) -> bytearray:
+        """Chunk ``cidx``'s whole contents, verified (partial slots merged with their base)."""
+        return bytearray(self.read(vd, cidx * self.cs, self.cs))
 
     def _sources(self, slot: int, coff: int, n: int) -> list[tuple[int, int, int]]:
         """Where bytes [coff, coff + n) of a partial slot's chunk are: (slot, offset,
@@ -108,16 +187,14 @@ class DataPath:
             pos = stop
         return out
 
-    def _block(self, slot: int, off: int) -> bytes:
-        bs = self.meta.block_size
-        return _padded(self.store.pread(slot, off, bs), bs)
-
     # ------------------------------------------------------------ writes
     def in_place(self, pid: int, slot: int) -> bool:
         """May ``slot`` (on page ``pid``) be overwritten in place? Only when exclusive
-        (page and slot refcount 1) and stable (no drop of either awaits its commit)."""
+        (page and slot refcount 1), stable (no drop of either awaits its commit) and hot
+        (a crash may leave its blocks unmatched by their sums: meta.py)."""
         m = self.meta
-        return m.page_ref[pid] == 1 and m.slot_ref[slot] == 1 and self.space.stable(pid, slot)
+        return (m.page_ref[pid] == 1 and m.slot_ref[slot] == 1 and m.is_hot(slot)
+                and self.space.stable(pid, slot))
 
     def write(self, vd: VDisk, off: int, mv: memoryview) -> list[list]:
         """Write ``mv`` at ``off`` (within the VDisk's page table); returns the ops that
@@ -158,26 +235,36 @@ class DataPath:
         slot = m.pages[pid][i] if pid else 0
         n = len(piece)
         zero = self.zero.startswith(piece)
+        base_off = cidx * cs                          # the chunk's VDisk offset
+
+        def current(src: int, bs: int) -> Callable[[int], bytes]:
+            """The verified bytes of a block of slot ``src`` (its own or its base's)."""
+            return lambda b: self._read_run(vd, base_off + b, src * cs + b, bs)
+
         if slot and self.in_place(pid, slot):
             p = m.partial.get(slot)
-            if zero and (n == cs or self._zero_after(slot, coff, piece)):
+            if zero and (n == cs or self._zero_after(vd, cidx, coff, piece)):
                 plan.ops.append(["eset", vd.vid, cidx, 0])   # zero detection frees it
-            elif p is None:
-                plan.add(slot, coff, piece)                  # the fast path
+            elif p is None:                                  # the fast path
+                start, view, _ = self._span(coff, piece, current(slot, BLOCK), BLOCK)
+                plan.add(slot, start, view)
             else:                                            # filling in blocks
                 base, mask = p
-                start, view, bits = self._span(coff, piece, lambda b: self._block(
-                    slot if mask >> (b // m.block_size) & 1 else base, b))
+                bs = m.block_size
+                start, view, bits = self._span(coff, piece, lambda b: current(
+                    slot if mask >> (b // bs) & 1 else base, bs)(b), bs)
                 plan.add(slot, start, view,
                          ["pmask", slot, mask | bits] if mask | bits != mask else None)
+            self.space.note_written(slot)
             return
-        # A hole or shared: the new contents go to a fresh slot.
+        # A hole, shared, or cold: the new contents go to a fresh slot.
         if slot and n < cs and not zero and m.full_mask > 1 and slot not in m.partial:
             # A small write into a shared chunk: a partial slot with just the blocks
             # written; the rest stays in the old slot (no read, no copy of the chunk).
             plan.private_page(vd, pidx)
             new = self.space.alloc_slot()
-            start, view, bits = self._span(coff, piece, lambda b: self._block(slot, b))
+            start, view, bits = self._span(coff, piece, current(slot, m.block_size),
+                                           m.block_size)
             if bits == m.full_mask:
                 plan.add(new, 0, view, ["eset", vd.vid, cidx, new], fresh=True)
             else:
@@ -185,7 +272,7 @@ class DataPath:
                          fresh=True)
             return
         if slot and n < cs:
-            chunk = self.read_chunk(slot)              # copy-on-write of the whole chunk
+            chunk = self.read_chunk(vd, cidx)         # copy-on-write of the whole chunk
             chunk[coff:coff + n] = piece
             piece, coff = memoryview(chunk), 0
             zero = self.zero.startswith(chunk)
@@ -200,13 +287,15 @@ class DataPath:
             buf = bytearray(cs)                         # a reused slot may hold old bytes
             buf[coff:coff + len(piece)] = piece
             piece, coff = memoryview(buf), 0
-        plan.add(new, coff, piece, ["eset", vd.vid, cidx, new], fresh=True)
+        start, view, _ = self._span(coff, piece, lambda b: bytes(BLOCK), BLOCK)
+        plan.add(new, start, view, ["eset", vd.vid, cidx, new], fresh=True)
 
-    def _span(self, coff: int, piece: memoryview,
-              fill: Callable[[int], bytes]) -> tuple[int, memoryview, int]:
-        """Widen a write of ``piece`` at ``coff`` to whole blocks: (start, data, block
-        mask). ``fill(block_offset)`` gives the current bytes of a partly written block."""
-        bs = self.meta.block_size
+    @staticmethod
+    def _span(coff: int, piece: memoryview, fill: Callable[[int], bytes],
+              bs: int) -> tuple[int, memoryview, int]:
+        """Widen a write of ``piece`` at ``coff`` to whole blocks of ``bs`` bytes: (start,
+        data, block mask). ``fill(block_offset)`` gives the current bytes of a block the
+        write covers only in part."""
         end = coff + len(piece)
         start, stop = coff // bs * bs, -(-end // bs) * bs
         bits = ((1 << ((stop - start) // bs)) - 1) << (start // bs)
@@ -220,22 +309,23 @@ class DataPath:
         buf[coff - start:end - start] = piece
         return start, memoryview(buf), bits
 
-    def _zero_after(self, slot: int, coff: int, piece: memoryview) -> bool:
+    def _zero_after(self, vd: VDisk, cidx: int, coff: int, piece: memoryview) -> bool:
         """After writing zeros ``piece`` at ``coff``, is the whole chunk zero?"""
-        buf = self.read_chunk(slot)
+        buf = self.read_chunk(vd, cidx)
         buf[coff:coff + len(piece)] = piece
         return self.zero.startswith(buf)
 
 
 class _Plan:
-    """One request's writes: runs of consecutive data-file positions, the fresh slots and
-    page ids they take, and the ops that publish them (in order)."""
+    """One request's writes: runs of consecutive data-file positions with their sums, the
+    fresh slots and page ids they take, and the ops that publish them (in order)."""
 
-    __slots__ = ("dp", "runs", "fresh", "pids", "ops", "private", "end")
+    __slots__ = ("dp", "runs", "sums", "fresh", "pids", "ops", "private", "end")
 
     def __init__(self, dp: DataPath):
         self.dp = dp
-        self.runs: list[tuple[int, int, list[memoryview]]] = []   # (slot, offset, views)
+        self.runs: list[tuple[int, list[memoryview]]] = []   # (data-file position, views)
+        self.sums: list[tuple[int, array]] = []   # (first data-file block, sums)
         self.end = -1                      # data-file position where the last run ends
         self.fresh: list[int] = []         # slots to reserve, given back on failure
         self.pids: list[int] = []          # page ids taken by pcow, likewise
@@ -255,31 +345,46 @@ class _Plan:
 
     def add(self, slot: int, off: int, view: memoryview, op: list | None = None,
             fresh: bool = False) -> None:
-        pos = slot * self.dp.cs + off
-        if pos == self.end:
-            self.runs[-1][2].append(view)
+        """Write whole blocks ``view`` at ``off`` in ``slot``. A fresh slot gets the sums
+        of all its blocks (the ones not written read as zeros or come from a base)."""
+        dp = self.dp
+        pos = slot * dp.cs + off
+        sums = checksum.sums_of(view)
+        if fresh and len(view) < dp.cs:
+            whole = checksum.zero_sums(dp.nb)
+            whole[off // BLOCK:off // BLOCK + len(sums)] = sums
+            self._add_sums(slot * dp.nb, whole)
         else:
-            self.runs.append((slot, off, [view]))
+            self._add_sums(pos // BLOCK, sums)
+        if pos == self.end:
+            self.runs[-1][1].append(view)
+        else:
+            self.runs.append((pos, [view]))
         self.end = pos + len(view)
         if fresh:
             self.fresh.append(slot)
+            dp.space.note_written(slot)
         if op is not None:
             self.ops.append(op)
 
+    def _add_sums(self, g: int, sums: array) -> None:
+        last = self.sums[-1] if self.sums else None
+        if last and last[0] + len(last[1]) == g:
+            last[1].extend(sums)
+        else:
+            self.sums.append((g, sums))
+
     def do(self) -> list[list]:
-        """Write the data; returns the ops to publish it."""
+        """Write the data and its sums; returns the ops to publish it."""
         store = self.dp.store
         try:
             if self.fresh:
                 store.reserve(sorted(self.fresh))
-            for slot, off, views in self.runs:
-                store.writev(slot, off, views)
+            for pos, views in self.runs:
+                store.writev_at(pos, views)
+            for g, sums in self.sums:
+                store.write_sums(g, sums)
         except BaseException:              # ENOSPC, EIO: nothing points at them yet
             self.dp.space.give_back(self.fresh, self.pids)
             raise
         return self.ops
-
-
-def _padded(data: bytes, size: int) -> bytes:
-    """A read that ended at the data file's end: the rest reads as zeros."""
-    return data if len(data) == size else data + bytes(size - len(data))

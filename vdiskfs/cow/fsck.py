@@ -26,7 +26,7 @@ import os
 from array import array
 from dataclasses import dataclass, field
 
-from . import names
+from . import checksum, names
 from .errors import FormatError
 from .meta import Metadata
 from .pool import Pool
@@ -355,9 +355,12 @@ class Partials(Check):
                 continue
             bs = m.block_size
             held = mask if 0 <= mask <= m.full_mask else 0
+            store = ctx.pool.store
             for b in range(m.chunk_size // bs):
                 if not held >> b & 1:
-                    ctx.pool.store.write(s, b * bs, bytes(bs))
+                    store.write(s, b * bs, bytes(bs))
+                    store.write_sums((s * m.chunk_size + b * bs) // checksum.BLOCK,
+                                     checksum.zero_sums(bs // checksum.BLOCK))
             del m.partial[s]
             r.add(Severity.LOST, self.name, f"partial slot {s}: base {base} unusable; the "
                                             "blocks it lacked now read as zeros")
@@ -404,6 +407,59 @@ class SlotRefs(Check):
         ctx.release += leaked
 
 
+class HotSlots(Check):
+    """Only slots in use are hot (a hot slot may be written in place, and a mismatch in it
+    after a crash is accepted as a cut write: datapath.py)."""
+    name = "hot slots"
+
+    @staticmethod
+    def _stray(m: Metadata) -> list[int]:
+        return [s for s in m.hot_slots() if not (s < len(m.slot_ref) and m.slot_ref[s])]
+
+    def detect(self, ctx: Context, r: Report) -> None:
+        r.add(Severity.LEAK, self.name,
+              [f"slot {s} is marked hot but not in use" for s in self._stray(ctx.meta)],
+              "stray hot slots")
+
+    def repair(self, ctx: Context, r: Report) -> None:
+        stray = self._stray(ctx.meta)
+        for s in stray:
+            ctx.meta.hot[s] = 0
+        if stray:
+            r.add(Severity.INFO, self.name, f"{len(stray)} stray hot mark(s) cleared")
+
+
+class SumsCoverage(Check):
+    """Every slot in use has its block sums (the sums file reaches past them)."""
+    name = "block sums"
+
+    @staticmethod
+    def _uncovered(ctx: Context) -> list[int]:
+        m = ctx.meta
+        if ctx.pool.version < 3:
+            return []                     # sums come with the upgrade at the next mount
+        nb = m.chunk_size // checksum.BLOCK
+        have = ctx.pool.store.sums_size()
+        return [s for s in range(max(1, have // nb), len(m.slot_ref)) if m.slot_ref[s]]
+
+    def detect(self, ctx: Context, r: Report) -> None:
+        missing = self._uncovered(ctx)
+        if missing:
+            r.add(Severity.LOST, self.name,
+                  f"the sums file ends before the sums of {len(missing)} slot(s) in use "
+                  f"(from slot {missing[0]}): their data cannot be checked and reads fail")
+
+    def repair(self, ctx: Context, r: Report) -> None:
+        missing = self._uncovered(ctx)
+        store, nb = ctx.pool.store, ctx.meta.chunk_size // checksum.BLOCK
+        for s in missing:
+            store.write_sums(s * nb, checksum.sums_of(memoryview(store.read(s))))
+        if missing:
+            r.add(Severity.LOST, self.name,
+                  f"sums of {len(missing)} slot(s) recomputed from their data as it is "
+                  "(damage in it from before cannot be told any more)")
+
+
 class DerivedState(Check):
     """What is rebuilt at every open agrees with the metadata: each VDisk's count of mapped
     chunks (st_blocks) and the space map (no free slot or page id in use, none above the
@@ -428,7 +484,8 @@ class DerivedState(Check):
 
 
 CHECKS: tuple[Check, ...] = (VDiskRecords(), CloneJobs(), LostSlots(), PageRefs(),
-                             Partials(), SlotRefs(), DerivedState())
+                             Partials(), SlotRefs(), HotSlots(), SumsCoverage(),
+                             DerivedState())
 
 
 def check_pool(pool: Pool, r: Report | None = None) -> Report:
@@ -440,9 +497,37 @@ def check_pool(pool: Pool, r: Report | None = None) -> Report:
     return r
 
 
-def fsck(path: str) -> Report:
+def check_data(pool: Pool, r: Report, accept: bool) -> None:
+    """Every block of data against its sum (``fsck --data``; with ``accept``, as repair,
+    torn blocks of suspect slots are accepted as they are)."""
+    from .scrub import Scrub
+    if pool.version < 3:
+        r.add(Severity.INFO, "data", "a format 2 pool has no block sums yet (the next mount "
+                                     "computes them): data not checked")
+        return
+    sc = Scrub(pool, accept=accept).run()
+    r.stats["data_checked"] = sc.checked
+    for d in sc.damaged():
+        r.add(Severity.LOST, "data", f"VDisk {d.vdisk} bytes {d.start}-{d.end - 1}: damaged "
+                                     "(fails its checksum: reads of it fail with EIO)")
+    bad_blocks = len(sc.bad)
+    if bad_blocks:
+        r.stats["damaged_blocks"] = bad_blocks
+    if sc.torn:
+        r.stats["torn_blocks"] = sc.torn
+        ranges = ", ".join(f"{d.vdisk} {d.start}-{d.end - 1}"
+                           for d in sc.damaged(sc.torn_blocks)[:10])
+        r.add(Severity.INFO, "data",
+              f"{sc.torn} block(s) written in place when the pool went down do not match "
+              f"their sums ({ranges}): unacknowledged writes cut short, "
+              + ("accepted as they are" if accept else "accepted by the next read or by "
+                                                        "fsck --repair"))
+
+
+def fsck(path: str, data: bool = False) -> Report:
     """``vdiskfs fsck``: open read-only under the lock (so never while mounted): the header,
-    checkpoint and every journal record must decode and apply, then every check runs."""
+    checkpoint and every journal record must decode and apply, then every check runs
+    (with ``data``, every block of data against its sum too)."""
     r = Report()
     try:
         pool = Pool(path, readonly=True)
@@ -450,11 +535,31 @@ def fsck(path: str) -> Report:
         r.add(Severity.LOST, "metadata", f"unreadable metadata: {e}")
         return r
     try:
+        why = pool.previous_failure()
+        if why:
+            r.add(Severity.ERROR, "fail-stop",
+                  f"the last session stopped writing after an I/O error ({why}); the pool "
+                  "holds what was durable before it (the next mount clears this)")
+        for bad in pool.bad_headers:
+            if pool.version < 3 and bad.endswith("copy is missing"):
+                r.add(Severity.INFO, "metadata", "a format 2 pool: the next mount adds the "
+                                                 "header copy")
+                continue
+            r.add(Severity.ERROR, "metadata", f"pool header: {bad} (the other copy is good; "
+                                              "the next mount rewrites it)")
+        if pool.cut_checkpoint:
+            r.add(Severity.INFO, "metadata", "a crash cut a new checkpoint short: the "
+                                             "previous generation holds the state (the next "
+                                             "mount completes it)")
+        for note in pool.notes:
+            r.add(Severity.ERROR, "metadata", f"{note} (the next mount writes a new one)")
         if pool.journal.torn_bytes:
             r.add(Severity.INFO, "journal",
                   f"journal ends in a torn record of {pool.journal.torn_bytes} bytes (a crash "
                   "cut it; the next mount discards it)")
         check_pool(pool, r)
+        if data:
+            check_data(pool, r, accept=False)
         r.stats.update(vdisks=len(pool.meta.vdisks), replayed=pool.replayed,
                        chunk_size=pool.chunk_size, journal=pool.journal.gen,
                        data_bytes=pool.store.allocated_bytes())
@@ -463,7 +568,7 @@ def fsck(path: str) -> Report:
     return r
 
 
-def repair(path: str) -> Report:
+def repair(path: str, data: bool = False) -> Report:
     """``vdiskfs fsck --repair``: salvage the journal up to any damage, then let every check
     repair its invariant from the maps, which are the data. Writes a new checkpoint; the
     INFO findings say what was done, the others what was lost."""
@@ -485,11 +590,13 @@ def repair(path: str) -> Report:
         ctx = Context(pool)
         for check in CHECKS:
             check.repair(ctx, r)
+        if data:
+            check_data(pool, r, accept=True)
         pool.checkpoint()
         pool.store.release(ctx.release)
     finally:
         pool.close(commit=False)
-    after = fsck(path)
+    after = fsck(path, data=data)
     if not after.clean:
         r.add(Severity.ERROR, "repair", [f"still wrong after repair: {e}" for e in after.errors])
     r.stats = after.stats

@@ -13,6 +13,12 @@ journal is cut back to the last complete batch. If a later batch follows, an ack
 batch was damaged: the pool is refused (``vdiskfs fsck --repair`` can cut it there).
 A commit that fails is undone in the file (truncated back) and its records are kept for
 the next try, so a failed fsync never leaves a torn frame in front of later ones.
+
+Mirror: every batch goes to two files at the same offsets, ``journal`` and
+``journal.mirror``, both fdatasync'd before the commit counts. Reading takes each frame
+from whichever copy has it intact, so one damaged, truncated or deleted copy loses
+nothing (a crash's torn append is torn in both); a writable open rewrites a bad copy from
+the good one.
 """
 
 from __future__ import annotations
@@ -23,14 +29,16 @@ from typing import Iterator
 from . import codec, layout
 from .chunkstore import FALLOC_FL_KEEP_SIZE, fallocate
 from .codec import FormatError
+from .errors import fatal
 
 # Space kept allocated past the journal's end, so that on a full backing filesystem a
 # commit (e.g. the delete that would free space) can still be written.
 RESERVE = 1 << 20
 
 
-def header_frame(gen: int) -> bytes:
-    return codec.frame_record({"kind": "journal", "v": codec.FORMAT_VERSION, "gen": gen})
+def header_frame(gen: int, uuid: str) -> bytes:
+    return codec.frame_record({"kind": "journal", "v": codec.FORMAT_VERSION, "gen": gen,
+                               "uuid": uuid})
 
 
 def txn_frame(ops: list) -> bytes:
@@ -41,17 +49,45 @@ def commit_frame(ntxns: int) -> bytes:
     return codec.frame_record({"kind": "commit", "v": codec.FORMAT_VERSION, "txns": ntxns})
 
 
-def create(pool_dir: str, gen: int) -> None:
-    layout.write_file_atomic(pool_dir, layout.JOURNAL, header_frame(gen))
+MIRROR = layout.MIRROR
+
+
+def create(pool_dir: str, gen: int, uuid: str) -> None:
+    for name in (layout.JOURNAL + MIRROR, layout.JOURNAL):
+        layout.write_file_atomic(pool_dir, name, header_frame(gen, uuid))
+
+
+def merge(a: bytes, b: bytes) -> tuple[bytes, int]:
+    """One journal from two copies: each frame from whichever has it intact, from the
+    first bad one on the longer copy's bytes. Returns (bytes, how many frames of ``a``
+    were bad or missing)."""
+    out, pos, fixed = [], 0, 0
+    while True:
+        got = codec.frame_at(a, pos)
+        if got is None:
+            got = codec.frame_at(b, pos)
+            if got is None:
+                break
+            fixed += 1
+            out.append(b[pos:got[1]])
+        else:
+            out.append(a[pos:got[1]])
+        pos = got[1]
+    rest = a if len(a) >= len(b) else b
+    return b"".join(out) + rest[pos:], fixed
 
 
 class Journal:
-    def __init__(self, pool_dir: str, *, readonly: bool = False):
+    def __init__(self, pool_dir: str, uuid: str, *, readonly: bool = False,
+                 name: str = layout.JOURNAL):
         self.pool_dir = pool_dir
-        self.path = os.path.join(pool_dir, layout.JOURNAL)
+        self.uuid = uuid
+        self.path = os.path.join(pool_dir, name)
         self.readonly = readonly
         self.fd = -1
+        self.mfd = -1           # the mirror copy
         self.gen = -1
+        self.unhealthy: list[str] = []   # copies that were bad or missing at open
         self.end = 0            # end of the last complete batch in the file
         self.buffer = bytearray()  # framed transactions not yet in the file
         self.ntxns = 0          # how many transactions the buffer holds
@@ -65,22 +101,35 @@ class Journal:
 
         Afterwards ``self.gen`` is the file's generation (a stale journal is not replayed).
         With ``salvage`` (fsck --repair), damage ends the replay instead of raising."""
-        flags = os.O_RDONLY if self.readonly else os.O_RDWR
-        self.fd = os.open(self.path, flags)
-        data = b""
-        size = os.fstat(self.fd).st_size
-        if size:
-            data = os.pread(self.fd, size, 0)
-        frames = codec.iter_frames(data)
-        first = next(frames, None)
-        if first is None:
-            raise FormatError(f"{self.path}: journal header is torn or missing")
-        payload, self.end = first
+        paths = (self.path, self.path + MIRROR)
+        copies = [self._read_copy(p) for p in paths]
+        if all(c is None for c in copies):
+            raise FileNotFoundError(self.path)
+        gens = [self._gen_of(p, c[1]) if c else None for p, c in zip(paths, copies)]
+        # A copy of another generation is left from before a checkpoint: it does not count.
+        usable = [c if c is not None and g == expect_gen else None
+                  for c, g in zip(copies, gens)]
+        for c, u in zip(copies, usable):
+            if c is not None and u is None:
+                os.close(c[0])
+        if all(u is None for u in usable):
+            known = [g for g in gens if g is not None]
+            if not known:
+                raise FormatError(f"{self.path}: journal header is torn or missing")
+            self.gen = known[0]
+            return
+        self.fd, self.mfd = (u[0] if u else -1 for u in usable)
+        a_data, b_data = (u[1] if u else b"" for u in usable)
+        data, fixed_a = merge(a_data, b_data)
+        _, fixed_b = merge(b_data, a_data)
+        self.unhealthy = [p for p, u, fixed in zip(paths, usable, (fixed_a, fixed_b))
+                          if u is None or fixed]
+        self._data = data
+        size = len(data)
+        payload, self.end = codec.frame_at(data, 0)
         head = codec.unpack_map(payload, f"{self.path}: journal header")
         codec.check_version(head, "journal", self.path)
         self.gen = head.get("gen")
-        if self.gen != expect_gen:
-            return
         pending: list[list] = []
         pos = self.end
         while (got := codec.frame_at(data, pos)) is not None:
@@ -120,6 +169,48 @@ class Journal:
                     f"--repair' cuts it at byte {self.end}, losing the records after it")
         self.torn_bytes = size - self.end
 
+    def _read_copy(self, path: str) -> tuple[int, bytes] | None:
+        """(fd, bytes) of one copy, None if it is missing."""
+        try:
+            fd = os.open(path, os.O_RDONLY if self.readonly else os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        size = os.fstat(fd).st_size
+        return fd, (os.pread(fd, size, 0) if size else b"")
+
+    def _gen_of(self, path: str, data: bytes) -> int | None:
+        """The generation a copy's header names (None: unreadable); another pool's
+        journal is refused."""
+        got = codec.frame_at(data, 0)
+        if got is None:
+            return None
+        try:
+            head = codec.unpack_map(got[0], f"{path}: journal header")
+        except FormatError:
+            return None
+        if head.get("uuid", self.uuid) != self.uuid:      # format 3 on
+            raise FormatError(f"{path}: belongs to another pool (uuid "
+                              f"{head.get('uuid')!r:.40}, this pool is {self.uuid})")
+        gen = head.get("gen")
+        return gen if type(gen) is int else None
+
+    def heal(self) -> None:
+        """Rewrite a bad or missing copy of the current journal from what replayed
+        (writable open, after the torn tail is cut)."""
+        if self.readonly or not self.unhealthy or self.path != self._current():
+            return
+        good = self._data[:self.end]
+        for path in self.unhealthy:
+            layout.write_file_atomic(self.pool_dir, os.path.basename(path), good)
+        self.reopen(self.gen)
+        self.unhealthy = []
+
+    def _current(self) -> str:
+        return os.path.join(self.pool_dir, layout.JOURNAL)
+
+    def _fds(self) -> list[int]:
+        return [fd for fd in (self.fd, self.mfd) if fd >= 0]
+
     def _decode(self, payload: bytes, pos: int) -> dict:
         rec = codec.unpack_map(payload, f"{self.path}: record at byte {pos} (checksum "
                                         "matches)")
@@ -132,8 +223,9 @@ class Journal:
     def cut_torn_tail(self) -> None:
         """Drop the bytes after the last complete batch (a crash's torn append)."""
         if self.torn_bytes and not self.readonly:
-            os.ftruncate(self.fd, self.end)
-            os.fsync(self.fd)
+            for fd in self._fds():
+                os.ftruncate(fd, self.end)
+                os.fsync(fd)
 
     def add(self, ops: list) -> None:
         self.buffer += txn_frame(ops)
@@ -156,35 +248,48 @@ class Journal:
 
     def write_at(self, offset: int, data: bytes) -> None:
         """Blocking: append ``data`` at ``offset`` and make it durable."""
+        fds = self._fds()
         try:
-            view = memoryview(data)
-            pos = offset
-            while view:
-                n = os.pwrite(self.fd, view, pos)
-                pos += n
-                view = view[n:]
-            os.fdatasync(self.fd)
-        except OSError:
-            try:
-                os.ftruncate(self.fd, offset)
-            except OSError:
-                pass
-            raise
+            for fd in fds:
+                view = memoryview(data)
+                pos = offset
+                while view:
+                    n = os.pwrite(fd, view, pos)
+                    pos += n
+                    view = view[n:]
+        except OSError as e:
+            for fd in fds:
+                try:
+                    os.ftruncate(fd, offset)
+                except OSError:
+                    pass
+            raise fatal(e, f"writing {self.path}") from None
+        try:
+            for fd in fds:
+                os.fdatasync(fd)
+        except OSError as e:
+            raise fatal(e, f"fdatasync of {self.path}", sync=True) from None
         self.reserve(offset + len(data))
 
     def reserve(self, end: int) -> None:
-        try:
-            fallocate(self.fd, FALLOC_FL_KEEP_SIZE, end, RESERVE)
-        except OSError:
-            pass   # full or unsupported: the reservation left from before still helps
+        for fd in self._fds():
+            try:
+                fallocate(fd, FALLOC_FL_KEEP_SIZE, end, RESERVE)
+            except OSError:
+                pass   # full or unsupported: the reservation left from before still helps
 
     def replace(self, gen: int) -> None:
-        """Blocking: start a new, empty journal of generation ``gen`` (after a checkpoint)."""
-        create(self.pool_dir, gen)
+        """Blocking: start a new, empty journal of generation ``gen``."""
+        create(self.pool_dir, gen, self.uuid)
+        self.reopen(gen)
+
+    def reopen(self, gen: int) -> None:
+        """Continue in POOL/journal and its mirror, of generation ``gen``."""
+        self.path = self._current()
         fd = os.open(self.path, os.O_RDWR)
-        if self.fd >= 0:
-            os.close(self.fd)
-        self.fd = fd
+        mfd = os.open(self.path + MIRROR, os.O_RDWR)
+        self.close()
+        self.fd, self.mfd = fd, mfd
         self.gen = gen
         self.end = os.fstat(fd).st_size
         self.reserve(self.end)
@@ -193,9 +298,9 @@ class Journal:
         return self.end + len(self.buffer)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        for fd in self._fds():
+            os.close(fd)
+        self.fd = self.mfd = -1
 
 
 def _is_commit(payload: bytes) -> bool:

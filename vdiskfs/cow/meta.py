@@ -12,6 +12,10 @@ Model (dm-thin style two-level sharing; the on-disk form is in docs/FORMAT.md):
   4 KiB) whose bit is set in mask; the other blocks are those of slot ``base``. A base is
   never itself partial.
 - ``jobs``: clone job records (records.Job).
+- ``hot[s]``: slot s may be written in place; after a crash its blocks may not match
+  their sums (an in-place write the crash cut). A slot is hot from the op that maps it
+  fresh (``eset``/``pset``) until ``cold``; a cold slot is never written in place (the
+  data path copies it on write into a fresh, hot slot), so a mismatch there is damage.
 
 Every change to this state is an op (ops.py: the table of names and signatures) applied by
 ``apply``; the same code runs live and during journal replay, so replay cannot drift from
@@ -26,6 +30,7 @@ reference through the ``drops`` listener.
 
 from __future__ import annotations
 
+import re
 from array import array
 from typing import Any, Callable
 
@@ -69,6 +74,7 @@ class Metadata:
         self.partial: dict[int, list[int]] = {}   # slot -> [base slot, block mask]
         self.block_size = max(4096, chunk_size // 64)
         self.full_mask = (1 << (chunk_size // self.block_size)) - 1
+        self.hot = bytearray(1)           # slot -> 1 if hot (see above)
         self.jobs: dict[int, Job] = {}    # clone jobs, oldest first (see cow/clones.py)
         self.next_job = 1
         self.drops = Drops()
@@ -197,6 +203,9 @@ class Metadata:
             raise FormatError(f"slot {slot} is in use")
         self._grow(self.slot_ref, slot)
         self.slot_ref[slot] = 1
+        if slot >= len(self.hot):
+            self.hot.extend(bytes(max(slot + 1, 2 * len(self.hot)) - len(self.hot)))
+        self.hot[slot] = 1
 
     def _op_eset(self, vid: int, cidx: int, slot: int) -> None:
         vd, page, i = self._entry("eset", vid, cidx)
@@ -230,6 +239,19 @@ class Metadata:
             self._slot_decref(p[0])
         else:
             p[1] = mask
+
+    def _op_cold(self, blob: bytes) -> None:
+        slots = codec.array_from_bin("Q", blob, "cold")
+        for s in slots:
+            if not 0 < s < len(self.slot_ref) or not self.slot_ref[s]:
+                raise FormatError(f"cold: slot {s} is not in use")
+            self.hot[s] = 0
+
+    def is_hot(self, slot: int) -> bool:
+        return slot < len(self.hot) and self.hot[slot] == 1
+
+    def hot_slots(self) -> array:
+        return array("Q", [m.start() for m in re.finditer(b"\x01", self.hot)])
 
     def _op_vshare(self, src: int, dst: int, p0: int, p1: int) -> None:
         s, d = self._vd(src), self._vd(dst)
@@ -293,6 +315,7 @@ class Metadata:
         freed = self.slot_ref[s] == 0
         self.drops.slot(s, freed)
         if freed:
+            self.hot[s] = 0
             p = self.partial.pop(s, None)
             if p is not None:
                 self._slot_decref(p[0])
@@ -311,14 +334,14 @@ class Metadata:
         return len(self.slot_ref) - self.slot_ref.count(0)
 
     # ----------------------------------------------------------------- (de)serialise
-    def to_record(self, gen: int) -> dict:
+    def to_record(self, gen: int, uuid: str = "") -> dict:
         """The checkpoint record (docs/FORMAT.md, "checkpoint")."""
         pids = array("Q", sorted(self.pages))
         blob = bytearray()
         for pid in pids:
             blob += codec.array_to_bin(self.pages[pid])
         return {
-            "kind": "checkpoint", "v": codec.FORMAT_VERSION, "gen": gen,
+            "kind": "checkpoint", "v": codec.FORMAT_VERSION, "gen": gen, "uuid": uuid,
             "chunk_size": self.chunk_size, "page_entries": self.page_entries,
             "next_vid": self.next_vid, "next_job": self.next_job,
             "vdisks": [{"vid": vd.vid, "name": vd.name, "size": vd.size, "props": vd.props,
@@ -328,6 +351,7 @@ class Metadata:
             "slot_ref": codec.array_to_bin(self.slot_ref),
             "jobs": [job.to_record() for job in self.jobs.values()],
             "partial": [[s, b, m] for s, (b, m) in sorted(self.partial.items())],
+            "hot": codec.array_to_bin(self.hot_slots()),
         }
 
     @classmethod
@@ -362,6 +386,10 @@ class Metadata:
                 m.jobs[j.id] = j
             for s, b, mask in rec.get("partial", ()):     # format 2
                 m.partial[int(s)] = [int(b), int(mask)]
+            hot = codec.array_from_bin("Q", rec.get("hot", b""), what)   # format 3
+            m.hot = bytearray(max(len(m.slot_ref), max(hot, default=0) + 1))
+            for s in hot:
+                m.hot[s] = 1      # fsck's HotSlots check: only slots in use
         except FormatError:
             raise
         except (KeyError, TypeError, ValueError) as e:

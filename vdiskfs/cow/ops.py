@@ -50,6 +50,7 @@ OPS = _table(
     Op("eset", 1, ("vid", INT), ("cidx", INT), ("slot", INT)),
     Op("pset", 2, ("vid", INT), ("cidx", INT), ("slot", INT), ("base", INT), ("mask", INT)),
     Op("pmask", 2, ("slot", INT), ("mask", INT)),
+    Op("cold", 3, ("slots", (bytes,))),
     Op("vshare", 1, ("src", INT), ("dst", INT), ("p0", INT), ("p1", INT)),
     Op("vdel", 1, ("vid", INT)),
     Op("jnew", 1, ("job", (dict,))),

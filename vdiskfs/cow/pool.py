@@ -24,23 +24,28 @@ will change (``Clones.guard``), grows the VDisk, and applies the ops that
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 
-from . import codec, journal as journal_mod, layout, names, props
+from . import checksum, codec, journal as journal_mod, layout, names, props
 from .chunkstore import ChunkStore
 from .clones import Clones
-from .commit import Commit, Commits, Transactions
+from .commit import FAILED, Commit, Commits, FailStop, Transactions
 from .datapath import DataPath
-from .errors import FormatError, PoolBusy, VDiskError
+from .errors import FormatError, PoolBusy, StoreFailed, VDiskError
 from .meta import Metadata, VDisk
 from .space import Space
 
 log = logging.getLogger(__name__)
 
 MAX_VDISK_SIZE = 1 << 50          # 1 PiB of address space per VDisk
+
+
+class JournalMissing(FormatError):
+    """A sound checkpoint without its journal: refused, not papered over."""
 
 
 class Pool:
@@ -55,22 +60,30 @@ class Pool:
         self.salvage = salvage
         self._lock_fd = -1
         self.store: ChunkStore | None = None
-        self.journal = journal_mod.Journal(self.path, readonly=readonly)
+        self.journal: journal_mod.Journal | None = None
         self.open_count: dict[int, int] = {}
+        self.notes: list[str] = []        # damage the open found and worked around
+        self.cut_checkpoint = False       # a crash cut a new generation short
         try:
             self._lock()
-            self.header = layout.read_header(self.path)
-            self.chunk_size = self.header["chunk_size"]
-            self.page_entries = self.header["page_entries"]
+            self._read_header()
             self._load()
             self.store = store_class(os.path.join(self.path, layout.DATA), self.chunk_size,
-                                     readonly=readonly)
+                                     readonly=readonly,
+                                     sums_path=os.path.join(self.path, layout.SUMS))
             self.space = Space(self.meta)
-            self.txn = Transactions(self.meta, self.journal, readonly)
+            self.failstop = FailStop(self.path)
+            self.txn = Transactions(self.meta, self.journal, readonly, self.failstop)
             self.commits = Commits(self.path, self.meta, self.space, self.store,
-                                   self.journal, self.txn, sync_data)
+                                   self.journal, self.txn, self.uuid, sync_data)
             self.data = DataPath(self.meta, self.space, self.store)
-            self.clones = Clones(self.meta, self.space, self.txn, self.header["uuid"])
+            # Slots hot now may hold a block an in-place write was cutting when the pool
+            # went down: a mismatch there is accepted once (datapath.py).
+            self.data.suspect = set(self.meta.hot_slots())
+            self.data.verify = self.version >= 3
+            self.data.accept = not readonly
+            self.clones = Clones(self.meta, self.space, self.txn, self.uuid)
+            self._check_files()
             if not readonly:
                 self._recover()
         except BaseException:
@@ -92,46 +105,216 @@ class Pool:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
 
+    def _read_header(self) -> None:
+        """Either copy of the header will do; copies that disagree are from two pools and
+        the checkpoint decides (``_load``)."""
+        good, bad = layout.read_headers(self.path)
+        if not good:
+            raise FormatError("no readable pool header: " + "; ".join(bad))
+        self.header = good[0][1]
+        self._headers = good
+        self.bad_headers = bad
+        self.chunk_size = self.header["chunk_size"]
+        self.page_entries = self.header["page_entries"]
+        self.uuid = self.header["uuid"]
+
     def _load(self) -> None:
-        """The checkpoint, then the journal's complete batches of its generation."""
-        ck_path = os.path.join(self.path, layout.CHECKPOINT)
+        """The newest readable checkpoint, then the journals of its generation and the
+        next (docs/FORMAT.md, "Generations"): if the current checkpoint is damaged or
+        missing, the previous one and its journal give the same state."""
+        errors = []
+        for name in (layout.CHECKPOINT, layout.CHECKPOINT_PREV):
+            ck_path = os.path.join(self.path, name)
+            try:
+                self._load_from(ck_path)
+            except FileNotFoundError:
+                errors.append(f"{ck_path} is missing")
+            except (JournalMissing, codec.NewerFormat):
+                raise      # the checkpoint is sound (or newer): no fallback papers over it
+            except FormatError as e:
+                errors.append(str(e))
+                if self.journal is not None:
+                    self.journal.close()
+                    self.journal = None
+            else:
+                self.loaded_from = name
+                if errors and os.path.exists(os.path.join(self.path, layout.CHECKPOINT)
+                                             + ".tmp") and "missing" in errors[0]:
+                    self.cut_checkpoint = True     # a crash between its renames: no damage
+                    log.info("a crash cut a new checkpoint short; loaded the previous "
+                             "generation (%s)", name)
+                elif errors:
+                    self.notes.append(f"{errors[0]}; loaded the previous generation instead")
+                    log.warning("%s; loaded the previous generation (%s) instead",
+                                errors[0], name)
+                return
+        raise FormatError("; ".join(errors) if len(errors) > 1 else errors[0])
+
+    def _load_from(self, ck_path: str) -> None:
         with open(ck_path, "rb") as f:
             rec = codec.read_single_record(f.read(), ck_path)
-        m = self.meta = Metadata.from_record(rec, ck_path)
+        m = Metadata.from_record(rec, ck_path)
+        if rec.get("uuid", self.uuid) != self.uuid:          # format 3 on
+            for name, hdr in self._headers[1:]:              # a header copied in?
+                if hdr["uuid"] == rec["uuid"]:
+                    break
+            else:
+                raise FormatError(f"{ck_path}: belongs to another pool (uuid {rec['uuid']}, "
+                                  f"the pool header says {self.uuid})")
+            self.header, self.uuid = hdr, hdr["uuid"]
+            self.bad_headers.append(f"{os.path.join(self.path, self._headers[0][0])} is "
+                                    "from another pool")
         if (m.chunk_size, m.page_entries) != (self.chunk_size, self.page_entries):
             raise FormatError(f"{ck_path}: geometry differs from the pool header")
+        self.meta = m
+        self.version = rec["v"]
         self.gen = rec["gen"]
         self.replayed = 0
         self.salvage_error: str | None = None
+        want = self.gen
+        for name in (layout.JOURNAL_PREV, layout.JOURNAL):
+            j = journal_mod.Journal(self.path, self.uuid, readonly=self.readonly, name=name)
+            try:
+                self._replay(j, want)
+            except FileNotFoundError:
+                continue
+            except BaseException:
+                j.close()
+                raise
+            if j.gen != want:       # an older generation's: not replayed
+                j.close()
+                continue
+            if self.journal is not None:
+                self.journal.close()
+            self.journal = j
+            want += 1
+            if self.salvage_error:
+                break
+        if self.journal is None:
+            what = (f"{os.path.join(self.path, layout.JOURNAL)}: no journal of generation "
+                    f"{self.gen} (missing or replaced)")
+            if not self.salvage:
+                raise JournalMissing(f"{what}: changes made after the checkpoint would be "
+                                     "lost; 'vdiskfs fsck --repair' starts a new, empty "
+                                     "journal")
+            self.salvage_error = f"{what}; changes after the checkpoint, if any, are lost"
+        else:
+            self.gen = want - 1
+
+    def _replay(self, j: "journal_mod.Journal", gen: int) -> None:
         try:
-            for batch in self.journal.open_and_read(self.gen, salvage=self.salvage):
+            for batch in j.open_and_read(gen, salvage=self.salvage):
                 for ops in batch:
                     for op in ops:
-                        m.apply(op)
+                        self.meta.apply(op)
                     self.replayed += 1
         except FormatError as e:
             if not self.salvage:
                 raise
             # fsck --repair: keep what replayed; the rest of the journal is cut below.
             self.salvage_error = str(e)
-            self.journal.torn_bytes = os.fstat(self.journal.fd).st_size - self.journal.end
+            j.torn_bytes = os.fstat(j.fd).st_size - j.end
+
+    def highest_mapped_slot(self) -> int:
+        pages = self.meta.pages.values()
+        return max((max(page) for page in pages), default=0)
+
+    def _check_files(self) -> None:
+        """Refuse a pool whose data or sums file lacks chunks its maps point at: those
+        would read as zeros, or fail their checksums, in place of lost data. (Read-only,
+        for fsck, whose checks report each such chunk.)"""
+        highest = self.highest_mapped_slot()
+        if self.partial_bases():
+            highest = max(highest, max(self.partial_bases()))
+        if not highest or self.readonly or self.salvage:
+            return
+        cs, nb = self.chunk_size, self.chunk_size // checksum.BLOCK
+        data_path = os.path.join(self.path, layout.DATA)
+        size = self.store.file_size()
+        if highest * cs >= size:
+            raise FormatError(f"{data_path} holds {size} bytes, but slot {highest} (bytes "
+                              f"{highest * cs}-{(highest + 1) * cs - 1}) is in use: the data "
+                              "file was truncated or replaced")
+        if self.version >= 3 and self.store.sums_size() < (highest + 1) * nb:
+            raise FormatError(f"{os.path.join(self.path, layout.SUMS)} covers "
+                              f"{self.store.sums_size()} blocks, but slot {highest} needs "
+                              f"{(highest + 1) * nb}: the sums file was truncated or replaced")
+
+    def partial_bases(self) -> list[int]:
+        return [b for b, _ in self.meta.partial.values()]
+
+    def previous_failure(self) -> str | None:
+        """Why the last session stopped writing (POOL/failed), if it did."""
+        try:
+            with open(os.path.join(self.path, FAILED)) as f:
+                return f.read().strip() or "unknown"
+        except FileNotFoundError:
+            return None
 
     def _recover(self) -> None:
         """Make the files agree with what was loaded; free what a crash left behind."""
+        why = self.previous_failure()
+        if why:
+            log.warning("the last session stopped writing after an I/O error (%s); this "
+                        "open starts from what was durable before it", why)
+            os.unlink(os.path.join(self.path, FAILED))
+        if self.version < 3:
+            self._add_sums()
+        for bad in self.bad_headers:
+            log.warning("pool header: %s; rewriting it from the good copy", bad)
+            self.notes.append(f"pool header: {bad}; rewritten from the good copy")
+        if self.bad_headers:
+            layout.write_headers(self.path, self.header)
         j = self.journal
-        if j.gen != self.gen:
-            log.info("journal generation %s is older than checkpoint %s: not replayed",
-                     j.gen, self.gen)
-            j.replace(self.gen)
-        elif j.torn_bytes:
+        if j is None or j.path != os.path.join(self.path, layout.JOURNAL):
+            # No journal of this generation yet (a crash during a checkpoint), or only
+            # the previous generation's: a checkpoint puts both generations in order.
+            self._settle_generations()
+            return
+        if j.torn_bytes:
             log.warning("journal: cut a torn tail of %d bytes", j.torn_bytes)
             j.cut_torn_tail()
+        for path in j.unhealthy:
+            log.warning("journal copy %s was damaged or missing: rewritten from the other",
+                        path)
+        j.heal()
         j.reserve(j.end)
+        if self.loaded_from != layout.CHECKPOINT:
+            self._settle_generations()
+        self._free_orphans()
+
+    def _settle_generations(self) -> None:
+        if self.journal is None:
+            self.journal = journal_mod.Journal(self.path, self.uuid)
+            self.journal.gen = self.gen
+            self.txn.journal = self.commits.journal = self.journal
+        # Twice: the first one moves whatever was damaged to the previous generation,
+        # the second replaces it with a good one.
+        self.checkpoint()
+        self.checkpoint()
+        self._free_orphans()
+
+    def _free_orphans(self) -> None:
         # VDisks unlinked while open were waiting for their last close: nothing is open now.
         orphans = [vd.vid for vd in self.meta.vdisks.values() if vd.name is None]
         for vid in orphans:
             with self.txn:
                 self.txn.apply(["vdel", vid])
+
+    def _add_sums(self) -> None:
+        """Upgrade from format 2: compute the sums of every slot in use (a scan of the
+        data), make them durable, then checkpoint in this format."""
+        log.info("format %d pool: computing the checksums of its data (once)", self.version)
+        m, cs = self.meta, self.chunk_size
+        nb = cs // checksum.BLOCK
+        for s in range(1, len(m.slot_ref)):
+            if m.slot_ref[s]:
+                data = self.store.read(s)
+                self.store.write_sums(s * nb, checksum.sums_of(memoryview(data)))
+        self.store.sync()
+        self.version = codec.FORMAT_VERSION
+        self.data.verify = True
+        self.checkpoint()
 
     # ------------------------------------------------------------ VDisks
     def vdisks(self) -> list[VDisk]:
@@ -184,22 +367,31 @@ class Pool:
             if self.clones.unfinished(other):
                 raise VDiskError(errno.EEXIST, f"{new} is reserved by a clone in progress")
             self.clones.check_not_cloning(other)
+            self._check_not_open(other)
         with self.txn:
             if other is not None:
                 self._unlink_op(other, target_in_use)
             self.txn.apply(["vset", vd.vid, "name", new])
 
+    def _check_not_open(self, vd: VDisk) -> None:
+        """An open VDisk (a loop device, qemu, an NBD export, any process) is not deleted
+        or replaced under its user, as ``rbd rm`` refuses an image with watchers."""
+        if self.open_count.get(vd.vid):
+            raise VDiskError(errno.EBUSY, f"{vd.name} is in use")
+
     def _unlink_op(self, vd: VDisk, in_use: bool) -> None:
-        if in_use or self.open_count.get(vd.vid):
+        if in_use:
             self.txn.apply(["vset", vd.vid, "name", None])   # freed by forget()
         else:
             self.txn.apply(["vdel", vd.vid])
 
     def unlink(self, vd: VDisk, *, in_use: bool = False) -> None:
-        """Remove the name. A VDisk still open or ``in_use`` (the kernel still knows the
-        inode) keeps its data until ``forget``; the next mount frees any left over."""
+        """Remove the name; EBUSY while the VDisk is open. One the kernel still knows
+        (``in_use``: it may still hold the inode) keeps its data until ``forget``; the
+        next mount frees any left over."""
         self.txn.check_writable()
         self.clones.check_not_cloning(vd)
+        self._check_not_open(vd)
         with self.txn:
             self._unlink_op(vd, in_use)
 
@@ -252,7 +444,7 @@ class Pool:
         if end > MAX_VDISK_SIZE:
             raise VDiskError(errno.EFBIG, "write past the largest VDisk size")
         txn = self.txn
-        with txn:
+        with self._failing(), txn:
             if vd.vid in self.clones.sources:
                 span = self.chunk_size * self.page_entries
                 self.clones.guard(vd, min(off, vd.size) // span, (end - 1) // span + 1)
@@ -264,6 +456,20 @@ class Pool:
             txn.touch(vd)
         return len(mv)
 
+    @contextlib.contextmanager
+    def _failing(self):
+        """A data write that may have lost what it wrote stops the pool."""
+        try:
+            yield
+        except StoreFailed as e:
+            self.failstop.fail(e)
+            raise VDiskError(errno.EIO, str(e)) from None
+
+    @property
+    def failed(self) -> str | None:
+        """Why the pool stopped writing (fail-stop), or None."""
+        return self.failstop.reason
+
     def truncate(self, vd: VDisk, size: int) -> None:
         self.txn.check_writable()
         _check_size(size)
@@ -273,7 +479,7 @@ class Pool:
             raise VDiskError(errno.EBUSY, f"{vd.name} is an unfinished clone")
         pe, txn = self.page_entries, self.txn
         span = self.chunk_size * pe
-        with txn:
+        with self._failing(), txn:
             if size > vd.size:
                 if vd.vid in self.clones.sources:
                     self.clones.guard(vd, vd.size // span, vd.size // span + 1)
@@ -303,6 +509,16 @@ class Pool:
                 pass
         return total
 
+    def cool(self, everything: bool = False) -> int:
+        """Hot slots not written since the last call (``everything``: all of them, when
+        nothing writes any more) go cold: no more in-place writes, and a mismatch in them
+        after a crash is damage (datapath.py). Suspects stay hot until verified."""
+        slots = self.space.to_cool(self.meta, self.data.suspect, everything)
+        if slots:
+            with self.txn:
+                self.txn.apply(["cold", codec.array_to_bin(slots)])
+        return len(slots)
+
     # ------------------------------------------------------------ durability
     def prepare_commit(self, checkpoint: bool = False) -> Commit:
         return self.commits.prepare(checkpoint)
@@ -318,12 +534,16 @@ class Pool:
         """Checkpoint (if asked and writable), then release files and the lock. With
         ``commit=False`` nothing buffered is written: as after kill -9."""
         try:
-            if commit and not self.readonly and self.store is not None:
+            # After a fail-stop nothing more is written: the next open replays what was
+            # durable before the failure.
+            if commit and not self.readonly and self.store is not None and not self.failed:
+                self.cool(everything=True)
                 self.checkpoint()
         finally:
             if self.store is not None:
                 self.store.close()
-            self.journal.close()
+            if self.journal is not None:
+                self.journal.close()
             if self._lock_fd >= 0:
                 os.close(self._lock_fd)
                 self._lock_fd = -1
@@ -338,17 +558,19 @@ def create_pool(path: str, chunk_size: int = layout.DEFAULT_CHUNK_SIZE,
         raise FileExistsError(f"{path} is not empty and holds no vdiskfs pool")
     hdr = layout.header_record(chunk_size, page_entries)
     m = Metadata(chunk_size, page_entries)
-    layout.write_file_atomic(path, layout.CHECKPOINT, codec.frame_record(m.to_record(0)))
-    journal_mod.create(path, 0)
-    os.close(os.open(os.path.join(path, layout.DATA), os.O_CREAT | os.O_WRONLY, 0o600))
-    # The header comes last: its presence is what makes the directory a pool.
-    layout.write_file_atomic(path, layout.HEADER, codec.frame_record(hdr))
+    layout.write_file_atomic(path, layout.CHECKPOINT,
+                             codec.frame_record(m.to_record(0, hdr["uuid"])))
+    journal_mod.create(path, 0, hdr["uuid"])
+    for name in (layout.DATA, layout.SUMS):
+        os.close(os.open(os.path.join(path, name), os.O_CREAT | os.O_WRONLY, 0o600))
+    # The headers come last: their presence is what makes the directory a pool.
+    layout.write_headers(path, hdr)
 
 
 def open_pool(path: str, *, create: bool = False, chunk_size: int | None = None,
               **kw) -> Pool:
     """Open the pool in ``path``; with ``create``, make it first if the directory is empty."""
-    if not os.path.exists(os.path.join(path, layout.HEADER)):
+    if not layout.is_pool(path):
         if not create:
             raise FileNotFoundError(f"{path} is not a vdiskfs pool (no {layout.HEADER})")
         create_pool(path, layout.DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)

@@ -51,6 +51,8 @@ class Space(Drops):
         self.unstable_slots: set[int] = set()
         self.unstable_pages: set[int] = set()
         self.inflight: list[Token] = []
+        # Slots written (or born) since the last cooling pass: the others may go cold.
+        self.written = bytearray(len(meta.slot_ref))
         meta.drops = self
 
     # ------------------------------------------------------------ allocation
@@ -90,6 +92,21 @@ class Space(Drops):
         """No in-place writes into page ``pid`` until the next commit is durable (a clone
         end that a crash could still undo: cow/clones.py)."""
         self.unstable_pages.add(pid)
+
+    def note_written(self, slot: int) -> None:
+        if slot >= len(self.written):
+            self.written.extend(bytes(max(slot + 1, 2 * len(self.written)) - len(self.written)))
+        self.written[slot] = 1
+
+    def to_cool(self, meta: Metadata, keep: set[int], everything: bool = False) -> array:
+        """Hot slots not written since the last pass (``everything``: all hot slots),
+        except ``keep``; starts the next pass. Their last writes came before this call,
+        so the commit that journals their ``cold`` op syncs them first."""
+        written = self.written
+        slots = array("Q", [s for s in meta.hot_slots() if s not in keep and (
+            everything or s >= len(written) or not written[s])])
+        self.written = bytearray(len(written))
+        return slots
 
     # ------------------------------------------------------------ queries
     def stable(self, pid: int, slot: int) -> bool:

@@ -129,3 +129,19 @@ def wait(mnt: str, src: str, dst: str, out=sys.stdout, poll: float = 0.2) -> str
         if not state.endswith("%"):
             return state
         time.sleep(poll)
+
+
+def parse_scrub(text: str) -> dict:
+    """The state read from ``.ctl/scrub`` (ctl/scrubber.py) as a dict; ``ranges`` lists
+    (VDisk, first byte, last byte) of the damaged ranges."""
+    out: dict = {"state": "idle", "ranges": []}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "range":
+            vd, start, end = value.rsplit(" ", 2)
+            out["ranges"].append((vd, int(start), int(end)))
+        elif key == "state":
+            out["state"] = value
+        elif value.isdigit():
+            out[key] = int(value)
+    return out

@@ -36,4 +36,7 @@ def render(pool: Pool, unsettled: dict[int, str], extended: bool = False) -> byt
         if extended:
             row += (f"{elapsed(job):.1f}s", str(shared_bytes(pool, job)))
         rows.append(row)
-    return "".join(" ".join(r) + "\n" for r in rows).encode()
+    out = "".join(" ".join(r) + "\n" for r in rows)
+    if pool.failed:   # after the rows, so that scripts reading rows are not confused
+        out += f"# pool stopped writing after an I/O error: {pool.failed}\n"
+    return out.encode()

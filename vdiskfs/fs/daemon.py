@@ -83,25 +83,46 @@ class Daemon:
             nursery.start_soon(self._signals)
             nursery.start_soon(self.ops.syncer.run_periodic)
             self.ops.jobs.attach(nursery)
+            self.ops.scrubber.attach(nursery)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
 
     async def _signals(self) -> None:
+        """SIGTERM, SIGINT, SIGHUP: unmount, unless a VDisk is in use (a loop device, a
+        guest): then keep serving and say why, as ``vdiskfs umount`` refuses. A second
+        signal flushes and detaches regardless (the users get EIO)."""
+        asked = False
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
             async for sig in sigs:
-                log.info("signal %s: unmounting", signal.Signals(sig).name)
-                await self._unmount_while_serving()
-                return
+                name = signal.Signals(sig).name
+                if asked:
+                    log.warning("signal %s again: flushing and detaching although in use",
+                                name)
+                    await self._detach()
+                    return
+                asked = True
+                busy = sorted(vd.name or str(vd.vid) for vid in self.pool.open_count
+                              if (vd := self.pool.get(vid)) is not None)
+                if busy:
+                    log.warning("signal %s: not unmounting, VDisks in use: %s (a second "
+                                "signal detaches them)", name, ", ".join(busy))
+                    continue
+                log.info("signal %s: unmounting", name)
+                if await self._unmount_while_serving():
+                    return
 
-    async def _unmount_while_serving(self) -> None:
+    async def _unmount_while_serving(self) -> bool:
         # A plain unmount makes the kernel write back its dirty pages (the writeback cache)
         # through this still-running loop, then end the session: nothing is dropped.
         proc = await trio.run_process(["fusermount3", "-u", self.mountpoint], check=False,
                                       capture_stderr=True)
         if proc.returncode == 0:
-            return
-        log.warning("unmount failed (%s); flushing and detaching instead",
+            return True
+        log.warning("unmount failed (%s): still serving (a second signal detaches)",
                     proc.stderr.decode(errors="replace").strip())
+        return False
+
+    async def _detach(self) -> None:
         await trio.to_thread.run_sync(pyfuse3.syncfs, self.mountpoint)
         self.signalled = True
         pyfuse3.terminate()

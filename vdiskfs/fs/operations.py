@@ -25,6 +25,7 @@ from ..cow.meta import VDisk
 from ..cow.pool import Pool
 from ..ctl import commands
 from ..ctl.jobs import JobRunner
+from ..ctl.scrubber import Scrubber
 from . import xattrs
 from .syncer import Syncer
 
@@ -35,10 +36,14 @@ CTL = 2
 VDISK_BASE = 16
 CTL_NAME = ".ctl"
 # The control files: name -> (inode, mode). Virtual: made when read, one command per write.
-CTL_FILES = {b"clone": (3, 0o200), b"status": (4, 0o444), b"jobs": (5, 0o444)}
+CTL_FILES = {b"clone": (3, 0o200), b"status": (4, 0o444), b"jobs": (5, 0o444),
+             b"scrub": (6, 0o600)}
+CTL_WRITABLE = (b"clone", b"scrub")       # one command per write
+CTL_READABLE = (b"status", b"jobs", b"scrub")   # a snapshot made at open
 CTL_INODES = {ino: (name, mode) for name, (ino, mode) in CTL_FILES.items()}
 SETID = stat.S_ISUID | stat.S_ISGID   # never on a VDisk (see fs/killpriv.py)
 ENTRY_TIMEOUT = 1.0
+RELEASE_GRACE = 1.0     # seconds an unlink waits for the release of a just-closed VDisk
 ATTR_TIMEOUT = 1.0
 
 
@@ -82,6 +87,7 @@ class Operations(pyfuse3.Operations):
         self.syncer = Syncer(pool)
         self.jobs = JobRunner(pool, self.syncer.sync, clone_speed)
         self.jobs.on_removed = self._name_removed
+        self.scrubber = Scrubber(pool)
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.lookups: dict[int, int] = {}   # vid -> kernel lookup count
@@ -165,6 +171,14 @@ class Operations(pyfuse3.Operations):
         except OSError as e:   # ENOENT: the kernel has no cache of it
             log.debug("invalidate_inode(%s): %s", name, e)
 
+    async def _released(self, vd: VDisk) -> None:
+        """The kernel sends RELEASE in the background after close(2) returns, behind its
+        queue of writeback: a ``cat X; rm X`` can have its UNLINK overtake it. Before an
+        open VDisk is refused (EBUSY), give such a release a moment to arrive."""
+        deadline = trio.current_time() + RELEASE_GRACE
+        while self.pool.open_count.get(vd.vid) and trio.current_time() < deadline:
+            await trio.sleep(0.01)
+
     def _looked_up(self, vd: VDisk) -> pyfuse3.EntryAttributes:
         self.lookups[vd.vid] = self.lookups.get(vd.vid, 0) + 1
         return self.vdisk_attr(vd)
@@ -216,7 +230,7 @@ class Operations(pyfuse3.Operations):
             # at close (writeback cache): accept both as no-ops, refuse anything else.
             if (fields.update_mode or fields.update_uid or fields.update_gid
                     or (fields.update_size and (attr.st_size != 0
-                                                or CTL_INODES[inode][0] != b"clone"))):
+                                                or CTL_INODES[inode][0] not in CTL_WRITABLE))):
                 raise FUSEError(errno.EPERM)
             return self._ctl_attr(inode)
         if inode in (ROOT, CTL):
@@ -304,6 +318,7 @@ class Operations(pyfuse3.Operations):
         vd = self.pool.lookup(self._name(parent, name))
         if vd is None:
             raise FUSEError(errno.ENOENT)
+        await self._released(vd)
         self.pool.unlink(vd, in_use=self._in_use(vd))
 
     @handler
@@ -320,6 +335,8 @@ class Operations(pyfuse3.Operations):
         target = self.pool.lookup(new)
         if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
             raise FUSEError(errno.EEXIST)
+        if target is not None:
+            await self._released(target)
         self.pool.rename(vd, new, target_in_use=target is not None and self._in_use(target))
 
     @handler
@@ -364,9 +381,15 @@ class Operations(pyfuse3.Operations):
     def _open_ctl(self, inode: int, flags: int) -> pyfuse3.FileInfo:
         name = CTL_INODES[inode][0]
         writing = flags & os.O_ACCMODE != os.O_RDONLY
-        if writing != (name == b"clone") or flags & os.O_ACCMODE == os.O_RDWR:
+        if (name not in (CTL_WRITABLE if writing else CTL_READABLE)
+                or flags & os.O_ACCMODE == os.O_RDWR):
             raise FUSEError(errno.EACCES)
-        data = b"" if writing else self.jobs.render(extended=name == b"jobs")
+        if writing:
+            data = b""
+        elif name == b"scrub":
+            data = self.scrubber.render()
+        else:
+            data = self.jobs.render(extended=name == b"jobs")
         fh = self.next_fh
         self.next_fh += 1
         self.handles[fh] = Handle(None, inode, data)
@@ -384,7 +407,10 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         h = self.handles[fh]
         if h.vd is None:
-            await self.jobs.execute(commands.parse(bytes(buf)), self._flush_vdisk)
+            if CTL_INODES[h.ctl][0] == b"scrub":
+                self.scrubber.command(bytes(buf))
+            else:
+                await self.jobs.execute(commands.parse(bytes(buf)), self._flush_vdisk)
             return len(buf)
         try:
             return self.pool.write(h.vd, off, buf)

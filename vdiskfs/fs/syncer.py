@@ -12,6 +12,7 @@ from ..cow.pool import Pool
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 5.0   # seconds between background commits of a dirty pool
+COOL_EVERY = 6          # commit intervals between cooling passes (cow/pool.py: Pool.cool)
 
 
 class Syncer:
@@ -23,6 +24,7 @@ class Syncer:
 
     async def sync(self) -> None:
         """Return once everything done before the call is durable (invariant 4)."""
+        self.pool.failstop.check()     # no fsync is acknowledged after a fail-stop
         need = self._started + 1   # a commit that starts after this call
         async with self._lock:
             if self._done >= need:
@@ -46,15 +48,21 @@ class Syncer:
         batch = pool.commits.prepare(checkpoint)
         try:
             await trio.to_thread.run_sync(batch.run)
-        except BaseException:
-            batch.abort()
+        except BaseException as e:
+            pool.commits.aborted(batch, e)
             raise
         batch.finish()
         self._done = n
 
     async def run_periodic(self) -> None:
+        rounds = 0
         while True:
             await trio.sleep(COMMIT_INTERVAL)
+            rounds += 1
+            if rounds % COOL_EVERY == 0 and not self.pool.failed:
+                # Slots not written for a pass go cold: after a crash only recently
+                # written ones are suspects.
+                self.pool.cool()
             if self.pool.commits.is_dirty():
                 try:
                     await self.sync()

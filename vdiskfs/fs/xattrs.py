@@ -1,7 +1,8 @@
 """VDisk properties as extended attributes ``user.vdisk.*`` (SPEC §2).
 
 Values are ASCII decimal or text. ``lba_size`` is the only writable one (512 or 4096,
-while the VDisk is not open); the others are figures the engine computes.
+while the VDisk is not open); the others are figures the engine computes (``errors``:
+block reads of this VDisk that failed their checksum since the mount).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ..cow.pool import Pool
 PREFIX = b"user.vdisk."
 WRITABLE = (b"lba_size",)
 FIGURES = (b"allocated", b"unique", b"shared")
-ALL = (b"lba_size", b"serial") + FIGURES
+ALL = (b"lba_size", b"serial") + FIGURES + (b"errors",)
 
 
 def names() -> list[bytes]:
@@ -36,6 +37,8 @@ def get(pool: Pool, vd: VDisk, name: bytes) -> bytes:
         raise FUSEError(pyfuse3.ENOATTR)
     if key in FIGURES:
         return str(pool.usage(vd)[key.decode()]).encode()
+    if key == b"errors":      # reads that failed a checksum since the mount
+        return str(pool.data.damage.errors.get(vd.vid, 0)).encode()
     return str(vd.props[key.decode()]).encode()
 
 
