@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import time
+from array import array
 
 from bench.common import MiB, RandomData
+from vdiskfs.cow.checksum import zero_sums
 from vdiskfs.cow.chunkstore import ChunkStore
 from vdiskfs.cow.pool import Pool, create_pool
 
@@ -15,13 +17,15 @@ class SparseBuildStore(ChunkStore):
     """The chunk store of build_pool: a pool's maps, refcounts and checkpoint as if it held
     its data, in a sparse data file.
 
-    While ``sparse`` is set, ``writev`` stores nothing: it only extends the file (by
+    While ``sparse`` is set, ``writev_at`` stores nothing: it only extends the file (by
     ftruncate: a hole) over the written range, so that the slots lie inside the data file
     (fsck checks that) and ``eof`` (which ``known_zero`` reads) and ``unsynced`` (which the
     commits read) are what the real write would have left. Storing the builder's one byte
     per chunk would cost a 4 KiB extent per chunk (1 GiB of disk per 64 GiB mapped at
     256 KiB chunks), which on this discard-mounted disk takes ~13 s per 16 GiB mapped
-    just to delete. With ``sparse`` off (the random-data VDisks) writes are stored.
+    just to delete. With ``sparse`` off (the random-data VDisks) writes are stored. The
+    block sums are those of the zeros the data file reads there, so those VDisks read as
+    zeros without failing their checksums.
 
     ``reserve`` never fallocates (64 GiB mapped would reserve 64 GiB of disk): it keeps
     only the bookkeeping, that slots about to be written are no longer punched holes."""
@@ -31,15 +35,19 @@ class SparseBuildStore(ChunkStore):
     def reserve(self, slots: list[int]) -> None:
         self.punched.difference_update(slots)
 
-    def writev(self, slot: int, off: int, views: list[memoryview]) -> None:
+    def writev_at(self, pos: int, views: list[memoryview]) -> None:
         if not self.sparse:
-            super().writev(slot, off, views)
+            super().writev_at(pos, views)
             return
         self.unsynced = True
-        end = slot * self.chunk_size + off + sum(len(v) for v in views)
+        end = pos + sum(len(v) for v in views)
         if end > self.eof:
             os.ftruncate(self.fd, end)
             self.eof = end
+
+    def write_sums(self, g: int, sums: array) -> None:
+        # What the data file holds there, zeros, is what the sums must say.
+        super().write_sums(g, zero_sums(len(sums)) if self.sparse else sums)
 
 
 def build_pool(path: str, specs: list[tuple[str, int, int, bool]], data: RandomData,

@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from support.common import flip_byte
 from support.engine import CS, check, crash, new_pool, pattern, reopen_after_crash, slot
 
 from vdiskfs.cow import codec, layout
@@ -29,11 +30,7 @@ def path(tmp_path):
 
 
 def flip(pool_path: str, pos: int, name: str = layout.DATA) -> None:
-    with open(os.path.join(pool_path, name), "r+b") as f:
-        f.seek(pos)
-        b = f.read(1)
-        f.seek(pos)
-        f.write(bytes([b[0] ^ 0x5A]))
+    flip_byte(os.path.join(pool_path, name), pos, 0x5A)
 
 
 def eio(call) -> bool:

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-from support.common import journal_frames
+from support.common import flip_byte, journal_frames
 from support.engine import (CS, PE, SPAN, check, crash, new_pool, pattern, read_all,
                             reopen_after_crash, slot)
 from support.engine_model import run_random
@@ -765,11 +765,7 @@ def test_one_damaged_journal_copy_loses_nothing(path, copy, damage):
     target = os.path.join(path, copy)
     if damage.startswith("flip"):
         _, end = frames[-2] if damage == "flip_last" else frames[2]
-        with open(target, "r+b") as f:
-            f.seek(end - 1)
-            b = f.read(1)
-            f.seek(end - 1)
-            f.write(bytes([b[0] ^ 0x01]))
+        flip_byte(target, end - 1, 0x01)
     elif damage == "truncate":
         os.truncate(target, frames[2][0] + 3)
     else:
@@ -819,11 +815,7 @@ def test_flipped_bit_in_journal(path, which):
     start, end = frames[2] if which == "middle" else frames[-2]
     jpath = os.path.join(path, layout.JOURNAL)
     for copy in (jpath, jpath + layout.MIRROR):     # both copies damaged alike
-        with open(copy, "r+b") as f:
-            f.seek(end - 1)
-            b = f.read(1)
-            f.seek(end - 1)
-            f.write(bytes([b[0] ^ 0x01]))
+        flip_byte(copy, end - 1, 0x01)
     if which == "middle":
         with pytest.raises(FormatError, match="journal.*corrupt.*fsck --repair"):
             Pool(path)
@@ -1082,11 +1074,7 @@ def test_newer_txn_version_is_refused(path):
 
 
 def _flip(file_path: str) -> None:
-    with open(file_path, "r+b") as f:
-        data = bytearray(f.read())
-        data[len(data) // 2] ^= 0x10
-        f.seek(0)
-        f.write(data)
+    flip_byte(file_path, os.path.getsize(file_path) // 2)
 
 
 @pytest.mark.parametrize("both", [False, True])

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from support.common import vdiskfs
+from support.common import flip_byte, vdiskfs
 
 pytestmark = pytest.mark.mount
 
@@ -40,12 +40,7 @@ def test_scrub_and_reads_of_damaged_data(mount):
     mount.stop()
     offs = sorted(random.Random(2).sample(range(len(data)), 5))
     for off in offs:
-        pos = slot_of(mount.pool, "FOO", off)
-        with open(os.path.join(mount.pool, "data"), "r+b") as f:
-            f.seek(pos)
-            b = f.read(1)
-            f.seek(pos)
-            f.write(bytes([b[0] ^ 1]))
+        flip_byte(os.path.join(mount.pool, "data"), slot_of(mount.pool, "FOO", off), 1)
     proc = vdiskfs("fsck", "--data", mount.pool, check=False)
     assert proc.returncode == 4
     assert proc.stdout.count("damaged") == 2 * len({o // BLOCK for o in offs})
@@ -92,10 +87,5 @@ def test_scrub_and_reads_of_damaged_data(mount):
     proc = vdiskfs("fsck", "--data", mount.pool, check=False)
     assert proc.returncode == 4 and "VDisk BAR" in proc.stdout and "VDisk FOO" not in proc.stdout
     for off in offs:                                  # put the bytes back for the teardown
-        pos = slot_of(mount.pool, "BAR", off)
-        with open(os.path.join(mount.pool, "data"), "r+b") as f:
-            f.seek(pos)
-            b = f.read(1)
-            f.seek(pos)
-            f.write(bytes([b[0] ^ 1]))
+        flip_byte(os.path.join(mount.pool, "data"), slot_of(mount.pool, "BAR", off), 1)
     assert vdiskfs("fsck", "--data", mount.pool, check=False).returncode == 0

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from support.common import journal_frames, vdiskfs
+from support.common import flip_byte, journal_frames, vdiskfs
 from support.engine import crash
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.pool import Pool, create_pool
@@ -47,12 +47,7 @@ def mount_fails(pool: str, tmp_path, needle: str) -> str:
     return err
 
 
-def flip(path: str, offset: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x10]))
+flip = flip_byte
 
 
 def read_a(pool: str) -> bytes:

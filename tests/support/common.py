@@ -233,3 +233,12 @@ class KernelMounts:
         for dev in reversed(self.loops):
             run(["losetup", "-d", dev], check=False)
         self.loops.clear()
+
+
+def flip_byte(path: str, offset: int, mask: int = 0x10) -> None:
+    """XOR one byte of a file in place (twice restores it)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
