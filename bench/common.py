@@ -107,6 +107,7 @@ FIGURES = {
     "umount_time": ("mount", "umount (checkpoint) time", "s", False),
     "writer": ("writer", "O_DIRECT writer while cloning", "MiB/s", True),
     "writer_clones": ("writer", "clones done while writing", "n", True),
+    "scrub": ("scrub", "scrub, cold (vs cat through the mount)", "MiB/s", True),
 }
 
 

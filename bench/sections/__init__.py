@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-SECTIONS = ("seq", "fio", "ext4", "fresh", "clone", "mount", "writer")
+SECTIONS = ("seq", "fio", "ext4", "fresh", "clone", "mount", "writer", "scrub")
 
 
 def measure_fn(name: str):

@@ -32,8 +32,9 @@ def zero_sums(n: int) -> array:
     return array("Q", [ZERO_SUM]) * n
 
 
-def mismatches(view: memoryview, sums: array) -> list[int]:
-    """Indexes of the blocks of ``view`` whose sum differs from ``sums``."""
+def mismatches(view: memoryview, sums) -> list[int]:
+    """Indexes of the blocks of ``view`` whose sum differs from ``sums`` (an array or a
+    u64 memoryview)."""
     have = sums_of(view)
     if have == sums:
         return []

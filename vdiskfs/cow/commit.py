@@ -101,9 +101,11 @@ class Transactions:
             self.apply(op)
 
     def touch(self, vd: VDisk) -> None:
-        """The VDisk's data changed now."""
+        """The VDisk's data changed now: op ``vset mtime_ns``, applied at once (through
+        ``Metadata.set_mtime``, its handler for that key, without the signature check
+        every write would pay for) and journaled at the next commit."""
         ns = time.time_ns()
-        self.meta.apply(["vset", vd.vid, "mtime_ns", ns])
+        self.meta.set_mtime(vd, ns)
         self._times[vd.vid] = ns
 
     def journal_times(self) -> None:

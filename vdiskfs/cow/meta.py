@@ -154,6 +154,11 @@ class Metadata:
         else:
             raise FormatError(f"unknown VDisk property {key!r:.40}")
 
+    @staticmethod
+    def set_mtime(vd: VDisk, ns: int) -> None:
+        """What op ``["vset", vid, "mtime_ns", ns]`` does (commit.Transactions.touch)."""
+        vd.props["mtime_ns"] = ns
+
     def _op_vsize(self, vid: int, size: int) -> None:
         vd = self._vd(vid)
         if size < 0:

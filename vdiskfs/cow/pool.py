@@ -24,7 +24,6 @@ will change (``Clones.guard``), grows the VDisk, and applies the ops that
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -444,26 +443,25 @@ class Pool:
         if end > MAX_VDISK_SIZE:
             raise VDiskError(errno.EFBIG, "write past the largest VDisk size")
         txn = self.txn
-        with self._failing(), txn:
-            if vd.vid in self.clones.sources:
-                span = self.chunk_size * self.page_entries
-                self.clones.guard(vd, min(off, vd.size) // span, (end - 1) // span + 1)
-            if off > vd.size:
-                txn.apply_all(self.data.zero_tail(vd))
-            if end > vd.size:
-                txn.apply(["vsize", vd.vid, end])
-            txn.apply_all(self.data.write(vd, off, mv))
-            txn.touch(vd)
+        try:
+            with txn:
+                if vd.vid in self.clones.sources:
+                    span = self.chunk_size * self.page_entries
+                    self.clones.guard(vd, min(off, vd.size) // span, (end - 1) // span + 1)
+                if off > vd.size:
+                    txn.apply_all(self.data.zero_tail(vd))
+                if end > vd.size:
+                    txn.apply(["vsize", vd.vid, end])
+                txn.apply_all(self.data.write(vd, off, mv))
+                txn.touch(vd)
+        except StoreFailed as e:
+            self._failed(e)
         return len(mv)
 
-    @contextlib.contextmanager
-    def _failing(self):
+    def _failed(self, e: StoreFailed) -> None:
         """A data write that may have lost what it wrote stops the pool."""
-        try:
-            yield
-        except StoreFailed as e:
-            self.failstop.fail(e)
-            raise VDiskError(errno.EIO, str(e)) from None
+        self.failstop.fail(e)
+        raise VDiskError(errno.EIO, str(e)) from None
 
     @property
     def failed(self) -> str | None:
@@ -477,9 +475,15 @@ class Pool:
             return
         if self.clones.unfinished(vd):
             raise VDiskError(errno.EBUSY, f"{vd.name} is an unfinished clone")
+        try:
+            self._truncate(vd, size)
+        except StoreFailed as e:
+            self._failed(e)
+
+    def _truncate(self, vd: VDisk, size: int) -> None:
         pe, txn = self.page_entries, self.txn
         span = self.chunk_size * pe
-        with self._failing(), txn:
+        with txn:
             if size > vd.size:
                 if vd.vid in self.clones.sources:
                     self.clones.guard(vd, vd.size // span, vd.size // span + 1)

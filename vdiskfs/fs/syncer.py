@@ -12,7 +12,7 @@ from ..cow.pool import Pool
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 5.0   # seconds between background commits of a dirty pool
-COOL_EVERY = 6          # commit intervals between cooling passes (cow/pool.py: Pool.cool)
+COOL_EVERY = 60         # commit intervals (5 min) between cooling passes (cow/pool.py: Pool.cool)
 
 
 class Syncer:
