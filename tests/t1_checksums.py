@@ -33,6 +33,15 @@ def flip(pool_path: str, pos: int, name: str = layout.DATA) -> None:
     flip_byte(os.path.join(pool_path, name), pos, 0x5A)
 
 
+def written(path: str, chunks: int, seed: int) -> bytes:
+    """VDisk A holding ``chunks`` chunks of a pattern, the pool closed; returns the data."""
+    p = Pool(path)
+    data = pattern(chunks * BIG, seed)
+    p.write(p.create("A", 0), 0, data)
+    p.close()
+    return data
+
+
 def eio(call) -> bool:
     try:
         call()
@@ -43,11 +52,7 @@ def eio(call) -> bool:
 
 
 def test_a_damaged_block_reads_eio_and_its_neighbours_exactly(path):
-    p = Pool(path)
-    a = p.create("A", 0)
-    data = pattern(4 * BIG, 1)
-    p.write(a, 0, data)
-    p.close()
+    data = written(path, 4, 1)
     p = Pool(path)
     a = p.lookup("A")
     s = slot(p, a, 1)
@@ -110,11 +115,7 @@ def test_scrub_finds_exactly_the_damaged_ranges_of_every_vdisk_sharing_them(path
 def test_many_flips_never_serve_wrong_bytes(path):
     """1,000 single-byte flips, one at a time, each at a random mapped position: the
     block it hits reads EIO, never other bytes."""
-    p = Pool(path)
-    a = p.create("A", 0)
-    data = pattern(16 * BIG, 3)
-    p.write(a, 0, data)
-    p.close()
+    data = written(path, 16, 3)
     p = Pool(path, readonly=True)
     a = p.lookup("A")
     rng = random.Random(11)
@@ -226,10 +227,7 @@ def test_fsck_repair_accepts_torn_blocks_but_not_damage(path):
 
 
 def test_truncated_data_or_sums_file_is_refused_naming_it(path):
-    p = Pool(path)
-    a = p.create("A", 0)
-    p.write(a, 0, pattern(8 * BIG, 8))
-    p.close()
+    written(path, 8, 8)
     for name, size in ((layout.DATA, 5 * BIG), (layout.SUMS, 100)):
         full = os.path.join(path, name)
         keep = open(full, "rb").read()
@@ -272,11 +270,7 @@ def test_a_file_from_another_pool_is_never_used(tmp_path, name):
 
 
 def test_a_format_2_pool_gets_its_sums_at_the_first_mount(path):
-    p = Pool(path)
-    a = p.create("A", 0)
-    data = pattern(6 * BIG, 12)
-    p.write(a, 0, data)
-    p.close()
+    data = written(path, 6, 12)
     # What a format 2 vdiskfs left: no sums, no mirror, no header copy, no uuid, no hot.
     for name in (layout.SUMS, layout.HEADER_COPY, layout.JOURNAL + layout.MIRROR,
                  layout.CHECKPOINT_PREV, layout.JOURNAL_PREV,

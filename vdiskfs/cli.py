@@ -107,10 +107,10 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
 
 def cmd_umount(args: argparse.Namespace) -> int:
     mnt = os.path.abspath(args.mountpoint)
-    pools = [p for p, m in vdiskfs_mounts() if m == mnt]
-    if not pools:
+    pool = find_pool(mnt)
+    if pool is None:
         raise UserError(f"{mnt} is not a vdiskfs mount")
-    lock = os.path.join(pools[-1], layout.LOCK)
+    lock = os.path.join(pool, layout.LOCK)
     with open(lock) as f:
         pid = int(f.read().strip() or 0)
     from .ctl.users import describe, users
@@ -257,12 +257,14 @@ def cmd_scrub(args: argparse.Namespace) -> int:
               f"{status.get('damaged_blocks', 0)} damaged block(s), "
               f"{status.get('torn_blocks', 0)} torn block(s) of a crash accepted")
     if status["state"] not in ("done", "cancelled"):
-        raise UserError(f"scrub {status['state']}: see {find_pool(mnt)}/daemon.log")
+        raise UserError(f"scrub {status['state']}: see {find_pool(mnt) or 'POOL'}/daemon.log")
     return 1 if status.get("damaged_blocks") else 0
 
 
-def find_pool(mnt: str) -> str:
-    return next((p for p, m in vdiskfs_mounts() if m == mnt), "POOL")
+def find_pool(mnt: str) -> str | None:
+    """The pool mounted at ``mnt`` (the last mount there), or None."""
+    pools = [p for p, m in vdiskfs_mounts() if m == mnt]
+    return pools[-1] if pools else None
 
 
 FSCK_CLEAN, FSCK_CORRECTED, FSCK_UNCORRECTED, FSCK_FAILED = 0, 1, 4, 8   # as e2fsck's

@@ -19,6 +19,7 @@ import os
 from array import array
 from sys import byteorder
 
+from . import checksum
 from .checksum import SUM_SIZE
 from .errors import fatal
 
@@ -99,14 +100,6 @@ class ChunkStore:
                     self.eof = max(self.eof, (first + count) * cs)
         self.punched.difference_update(slots)
 
-    def readinto(self, slot: int, off: int, buf: memoryview) -> None:
-        """Fill ``buf`` from the slot (may run over into following slots); past EOF stays 0."""
-        os.preadv(self.fd, [buf], slot * self.chunk_size + off)
-
-    def pread(self, slot: int, off: int, size: int) -> bytes:
-        """Up to ``size`` bytes from the slot (short past EOF: those read as zeros)."""
-        return os.pread(self.fd, size, slot * self.chunk_size + off)
-
     def read_at(self, pos: int, size: int) -> bytes:
         """``size`` bytes at data-file position ``pos`` (zeros past its end)."""
         data = os.pread(self.fd, size, pos)
@@ -120,19 +113,15 @@ class ChunkStore:
 
     def read(self, slot: int) -> bytearray:
         buf = bytearray(self.chunk_size)
-        self.readinto(slot, 0, memoryview(buf))
+        self.readinto_at(slot * self.chunk_size, memoryview(buf))
         return buf
 
     def write(self, slot: int, off: int, data) -> None:
-        self.writev(slot, off, [memoryview(data)])
-
-    def writev(self, slot: int, off: int, views: list[memoryview]) -> None:
-        """Write the buffers back to back from ``off`` in ``slot`` (on into the following
-        slots): one pwritev for a run of consecutive slots."""
-        self.writev_at(slot * self.chunk_size + off, views)
+        self.writev_at(slot * self.chunk_size + off, [memoryview(data)])
 
     def writev_at(self, pos: int, views: list[memoryview]) -> None:
-        """Write the buffers back to back from data-file position ``pos``."""
+        """Write the buffers back to back from data-file position ``pos`` (one pwritev for
+        a run of consecutive slots)."""
         self.unsynced = True
         try:
             while views:
@@ -195,6 +184,11 @@ class ChunkStore:
                 view = view[n:]
         except OSError as e:
             raise fatal(e, "writing the sums file") from None
+
+    def rehash(self, g: int, view: memoryview) -> None:
+        """Take the block-aligned bytes ``view`` from data-file block ``g`` on as they are:
+        write their sums (a format upgrade, a lost sums file, a torn block accepted)."""
+        self.write_sums(g, checksum.sums_of(view))
 
     def sums_size(self) -> int:
         """How many blocks the sums file covers."""

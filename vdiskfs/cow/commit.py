@@ -131,12 +131,16 @@ class Commit:
         self.sync_data = c.store.take_unsynced()
 
     def run(self) -> None:
+        self._append()
+        self.c.store.release(self.token.slots)
+
+    def _append(self) -> None:
+        """Invariant 1: the data (and its sums) durable, then the batch."""
         c = self.c
         if self.sync_data:
             c.store.sync(data=c.sync_data)
         if self.data:
             c.journal.write_at(self.offset, self.data)
-        c.store.release(self.token.slots)
 
     def finish(self) -> None:
         self.c.journal.end = self.offset + len(self.data)
@@ -163,10 +167,7 @@ class Checkpoint(Commit):
 
     def run(self) -> None:
         c = self.c
-        if self.sync_data:
-            c.store.sync(data=c.sync_data)
-        if self.data:
-            c.journal.write_at(self.offset, self.data)
+        self._append()
         self.committed = True
         layout.new_generation(c.path, self.record, journal_mod.header_frame(self.gen, c.uuid))
         c.journal.reopen(self.gen)

@@ -39,8 +39,6 @@ from __future__ import annotations
 import errno
 import logging
 from array import array
-from typing import Callable
-
 from . import checksum
 from .checksum import BLOCK
 from .chunkstore import ChunkStore
@@ -56,15 +54,13 @@ class Damage:
 
     def __init__(self):
         self.errors: dict[int, int] = {}     # vid -> blocks that failed a read
-        self.logged: set[int] = set()        # data-file blocks already logged
-        self.bad_blocks = 0                  # distinct blocks found bad
+        self.logged: set[int] = set()        # data-file blocks found bad (logged once)
         self.torn_accepted = 0               # suspect blocks accepted as they are
 
     def bad(self, vd: VDisk, voff: int, g: int) -> None:
         self.errors[vd.vid] = self.errors.get(vd.vid, 0) + 1
         if g not in self.logged:
             self.logged.add(g)
-            self.bad_blocks += 1
             log.error("checksum mismatch: VDisk %s bytes %d-%d (data file block %d): "
                       "the read fails with EIO", vd.name or vd.vid, voff, voff + BLOCK - 1, g)
 
@@ -75,8 +71,9 @@ class Damage:
                     "cut short; accepted as it is", vd.name or vd.vid, voff,
                     voff + BLOCK - 1, g)
 
-    def total(self) -> int:
-        return sum(self.errors.values())
+    @property
+    def bad_blocks(self) -> int:
+        return len(self.logged)
 
 
 class DataPath:
@@ -164,8 +161,7 @@ class DataPath:
         for i in bad:
             g = g0 + i
             if self.accept and g // self.nb in self.suspect:
-                block = view[i * BLOCK:(i + 1) * BLOCK]
-                self.store.write_sums(g, array("Q", [checksum.sum_of(block)]))
+                self.store.rehash(g, view[i * BLOCK:(i + 1) * BLOCK])
                 self.damage.accepted(vd, voff + i * BLOCK, g)
             else:
                 self.damage.bad(vd, voff + i * BLOCK, g)
@@ -241,26 +237,19 @@ class DataPath:
         slot = m.pages[pid][i] if pid else 0
         n = len(piece)
         zero = self.zero.startswith(piece)
-        base_off = cidx * cs                          # the chunk's VDisk offset
-
-        def current(src: int, bs: int) -> Callable[[int], bytes]:
-            """The verified bytes of a block of slot ``src`` (its own or its base's)."""
-            return lambda b: self._read_run(vd, base_off + b, src * cs + b, bs)
-
         if slot and self.in_place(pid, slot):
             p = m.partial.get(slot)
-            if zero and (n == cs or self._zero_after(vd, cidx, coff, piece)):
+            if zero and (n == cs or self.zero.startswith(
+                    self._merged(vd, cidx, coff, piece))):
                 plan.ops.append(["eset", vd.vid, cidx, 0])   # zero detection frees it
             elif p is None:                                  # the fast path
-                start, view, _ = self._span(coff, piece, current(slot, BLOCK), BLOCK)
+                start, view, _ = self._widen(vd, cidx, coff, piece, BLOCK, slot)
                 plan.add(slot, start, view)
             else:                                            # filling in blocks
-                base, mask = p
-                bs = m.block_size
-                start, view, bits = self._span(coff, piece, lambda b: current(
-                    slot if mask >> (b // bs) & 1 else base, bs)(b), bs)
-                plan.add(slot, start, view,
-                         ["pmask", slot, mask | bits] if mask | bits != mask else None)
+                start, view, bits = self._widen(vd, cidx, coff, piece, m.block_size,
+                                                (slot, *p))
+                mask = p[1] | bits
+                plan.add(slot, start, view, ["pmask", slot, mask] if mask != p[1] else None)
             self.space.note_written(slot)
             return
         # A hole, shared, or cold: the new contents go to a fresh slot.
@@ -269,8 +258,7 @@ class DataPath:
             # written; the rest stays in the old slot (no read, no copy of the chunk).
             plan.private_page(vd, pidx)
             new = self.space.alloc_slot()
-            start, view, bits = self._span(coff, piece, current(slot, m.block_size),
-                                           m.block_size)
+            start, view, bits = self._widen(vd, cidx, coff, piece, m.block_size, slot)
             if bits == m.full_mask:
                 plan.add(new, 0, view, ["eset", vd.vid, cidx, new], fresh=True)
             else:
@@ -278,8 +266,7 @@ class DataPath:
                          fresh=True)
             return
         if slot and n < cs:
-            chunk = self.read_chunk(vd, cidx)         # copy-on-write of the whole chunk
-            chunk[coff:coff + n] = piece
+            chunk = self._merged(vd, cidx, coff, piece)   # copy-on-write of the whole chunk
             piece, coff = memoryview(chunk), 0
             zero = self.zero.startswith(chunk)
         if zero:
@@ -293,20 +280,27 @@ class DataPath:
             buf = bytearray(cs)                         # a reused slot may hold old bytes
             buf[coff:coff + len(piece)] = piece
             piece, coff = memoryview(buf), 0
-        start, view, _ = self._span(coff, piece, lambda b: bytes(BLOCK), BLOCK)
+        start, view, _ = self._widen(vd, cidx, coff, piece, BLOCK, 0)
         plan.add(new, start, view, ["eset", vd.vid, cidx, new], fresh=True)
 
-    @staticmethod
-    def _span(coff: int, piece: memoryview, fill: Callable[[int], bytes],
-              bs: int) -> tuple[int, memoryview, int]:
-        """Widen a write of ``piece`` at ``coff`` to whole blocks of ``bs`` bytes: (start,
-        data, block mask). ``fill(block_offset)`` gives the current bytes of a block the
-        write covers only in part."""
+    def _widen(self, vd: VDisk, cidx: int, coff: int, piece: memoryview, bs: int,
+               src: int | tuple[int, int, int]) -> tuple[int, memoryview, int]:
+        """Widen a write of ``piece`` at ``coff`` in chunk ``cidx`` to whole blocks of
+        ``bs`` bytes: (start, data, block mask). A block it covers only in part is filled
+        from the verified bytes of slot ``src`` (0: zeros; (slot, base, mask): a partial
+        slot, its own blocks or its base's)."""
         end = coff + len(piece)
         start, stop = coff // bs * bs, -(-end // bs) * bs
         bits = ((1 << ((stop - start) // bs)) - 1) << (start // bs)
         if start == coff and stop == end:
             return start, piece, bits
+
+        def fill(b: int) -> bytes:
+            if not src:
+                return bytes(bs)
+            s = src if isinstance(src, int) else src[0] if src[2] >> (b // bs) & 1 else src[1]
+            return self._read_run(vd, cidx * self.cs + b, s * self.cs + b, bs)
+
         buf = bytearray(stop - start)
         if start < coff:
             buf[:bs] = fill(start)
@@ -315,11 +309,11 @@ class DataPath:
         buf[coff - start:end - start] = piece
         return start, memoryview(buf), bits
 
-    def _zero_after(self, vd: VDisk, cidx: int, coff: int, piece: memoryview) -> bool:
-        """After writing zeros ``piece`` at ``coff``, is the whole chunk zero?"""
-        buf = self.read_chunk(vd, cidx)
-        buf[coff:coff + len(piece)] = piece
-        return self.zero.startswith(buf)
+    def _merged(self, vd: VDisk, cidx: int, coff: int, piece: memoryview) -> bytearray:
+        """Chunk ``cidx`` as it will be once ``piece`` is written at ``coff``."""
+        chunk = self.read_chunk(vd, cidx)
+        chunk[coff:coff + len(piece)] = piece
+        return chunk
 
 
 class _Plan:

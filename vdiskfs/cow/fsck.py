@@ -453,7 +453,7 @@ class SumsCoverage(Check):
         missing = self._uncovered(ctx)
         store, nb = ctx.pool.store, ctx.meta.chunk_size // checksum.BLOCK
         for s in missing:
-            store.write_sums(s * nb, checksum.sums_of(memoryview(store.read(s))))
+            store.rehash(s * nb, memoryview(store.read(s)))
         if missing:
             r.add(Severity.LOST, self.name,
                   f"sums of {len(missing)} slot(s) recomputed from their data as it is "

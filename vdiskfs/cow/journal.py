@@ -57,24 +57,23 @@ def create(pool_dir: str, gen: int, uuid: str) -> None:
         layout.write_file_atomic(pool_dir, name, header_frame(gen, uuid))
 
 
-def merge(a: bytes, b: bytes) -> tuple[bytes, int]:
+def merge(a: bytes, b: bytes) -> tuple[bytes, list[tuple[bytes, int, int]]]:
     """One journal from two copies: each frame from whichever has it intact, from the
-    first bad one on the longer copy's bytes. Returns (bytes, how many frames of ``a``
-    were bad or missing)."""
-    out, pos, fixed = [], 0, 0
+    first bad one on the longer copy's bytes. Returns (bytes, the intact frames as
+    (payload, start, end)): replay walks these, each CRC computed once."""
+    out, frames, pos = [], [], 0
     while True:
+        src = a
         got = codec.frame_at(a, pos)
         if got is None:
-            got = codec.frame_at(b, pos)
+            src, got = b, codec.frame_at(b, pos)
             if got is None:
                 break
-            fixed += 1
-            out.append(b[pos:got[1]])
-        else:
-            out.append(a[pos:got[1]])
+        out.append(src[pos:got[1]])
+        frames.append((got[0], pos, got[1]))
         pos = got[1]
     rest = a if len(a) >= len(b) else b
-    return b"".join(out) + rest[pos:], fixed
+    return b"".join(out) + rest[pos:], frames
 
 
 class Journal:
@@ -87,7 +86,8 @@ class Journal:
         self.fd = -1
         self.mfd = -1           # the mirror copy
         self.gen = -1
-        self.unhealthy: list[str] = []   # copies that were bad or missing at open
+        self._copies: list[tuple[str, bytes | None]] = []   # each copy as read at open
+        self._data = b""        # the copies merged, as read at open
         self.end = 0            # end of the last complete batch in the file
         self.buffer = bytearray()  # framed transactions not yet in the file
         self.ntxns = 0          # how many transactions the buffer holds
@@ -119,21 +119,17 @@ class Journal:
             self.gen = known[0]
             return
         self.fd, self.mfd = (u[0] if u else -1 for u in usable)
-        a_data, b_data = (u[1] if u else b"" for u in usable)
-        data, fixed_a = merge(a_data, b_data)
-        _, fixed_b = merge(b_data, a_data)
-        self.unhealthy = [p for p, u, fixed in zip(paths, usable, (fixed_a, fixed_b))
-                          if u is None or fixed]
+        self._copies = [(p, u[1] if u else None) for p, u in zip(paths, usable)]
+        data, frames = merge(*(u[1] if u else b"" for u in usable))
         self._data = data
         size = len(data)
-        payload, self.end = codec.frame_at(data, 0)
+        payload, _, self.end = frames[0]
         head = codec.unpack_map(payload, f"{self.path}: journal header")
         codec.check_version(head, "journal", self.path)
         self.gen = head.get("gen")
         pending: list[list] = []
         pos = self.end
-        while (got := codec.frame_at(data, pos)) is not None:
-            payload, end = got
+        for payload, _, end in frames[1:]:
             try:
                 rec = self._decode(payload, pos)
             except FormatError:
@@ -194,16 +190,26 @@ class Journal:
         gen = head.get("gen")
         return gen if type(gen) is int else None
 
+    def salvaged(self) -> None:
+        """Replay was stopped at damage (fsck --repair): all after ``end`` goes."""
+        self.torn_bytes = len(self._data) - self.end
+
+    def unhealthy(self) -> list[str]:
+        """The copies that were missing at open or did not hold what replayed."""
+        good = self._data[:self.end]
+        return [p for p, data in self._copies if data is None or not data.startswith(good)]
+
     def heal(self) -> None:
         """Rewrite a bad or missing copy of the current journal from what replayed
         (writable open, after the torn tail is cut)."""
-        if self.readonly or not self.unhealthy or self.path != self._current():
+        bad = self.unhealthy()
+        if self.readonly or not bad or self.path != self._current():
             return
-        good = self._data[:self.end]
-        for path in self.unhealthy:
-            layout.write_file_atomic(self.pool_dir, os.path.basename(path), good)
+        for path in bad:
+            layout.write_file_atomic(self.pool_dir, os.path.basename(path),
+                                     self._data[:self.end])
         self.reopen(self.gen)
-        self.unhealthy = []
+        self._copies = []
 
     def _current(self) -> str:
         return os.path.join(self.pool_dir, layout.JOURNAL)

@@ -122,12 +122,14 @@ class Pool:
         next (docs/FORMAT.md, "Generations"): if the current checkpoint is damaged or
         missing, the previous one and its journal give the same state."""
         errors = []
+        current_missing = False
         for name in (layout.CHECKPOINT, layout.CHECKPOINT_PREV):
             ck_path = os.path.join(self.path, name)
             try:
                 self._load_from(ck_path)
             except FileNotFoundError:
                 errors.append(f"{ck_path} is missing")
+                current_missing |= name == layout.CHECKPOINT
             except (JournalMissing, codec.NewerFormat):
                 raise      # the checkpoint is sound (or newer): no fallback papers over it
             except FormatError as e:
@@ -137,8 +139,8 @@ class Pool:
                     self.journal = None
             else:
                 self.loaded_from = name
-                if errors and os.path.exists(os.path.join(self.path, layout.CHECKPOINT)
-                                             + ".tmp") and "missing" in errors[0]:
+                if current_missing and os.path.exists(
+                        os.path.join(self.path, layout.CHECKPOINT) + ".tmp"):
                     self.cut_checkpoint = True     # a crash between its renames: no damage
                     log.info("a crash cut a new checkpoint short; loaded the previous "
                              "generation (%s)", name)
@@ -212,7 +214,7 @@ class Pool:
                 raise
             # fsck --repair: keep what replayed; the rest of the journal is cut below.
             self.salvage_error = str(e)
-            j.torn_bytes = os.fstat(j.fd).st_size - j.end
+            j.salvaged()
 
     def highest_mapped_slot(self) -> int:
         pages = self.meta.pages.values()
@@ -222,10 +224,11 @@ class Pool:
         """Refuse a pool whose data or sums file lacks chunks its maps point at: those
         would read as zeros, or fail their checksums, in place of lost data. (Read-only,
         for fsck, whose checks report each such chunk.)"""
-        highest = self.highest_mapped_slot()
-        if self.partial_bases():
-            highest = max(highest, max(self.partial_bases()))
-        if not highest or self.readonly or self.salvage:
+        if self.readonly or self.salvage:
+            return
+        highest = max(self.highest_mapped_slot(), *(b for b, _ in self.meta.partial.values()),
+                      0)
+        if not highest:
             return
         cs, nb = self.chunk_size, self.chunk_size // checksum.BLOCK
         data_path = os.path.join(self.path, layout.DATA)
@@ -238,9 +241,6 @@ class Pool:
             raise FormatError(f"{os.path.join(self.path, layout.SUMS)} covers "
                               f"{self.store.sums_size()} blocks, but slot {highest} needs "
                               f"{(highest + 1) * nb}: the sums file was truncated or replaced")
-
-    def partial_bases(self) -> list[int]:
-        return [b for b, _ in self.meta.partial.values()]
 
     def previous_failure(self) -> str | None:
         """Why the last session stopped writing (POOL/failed), if it did."""
@@ -273,7 +273,7 @@ class Pool:
         if j.torn_bytes:
             log.warning("journal: cut a torn tail of %d bytes", j.torn_bytes)
             j.cut_torn_tail()
-        for path in j.unhealthy:
+        for path in j.unhealthy():
             log.warning("journal copy %s was damaged or missing: rewritten from the other",
                         path)
         j.heal()
@@ -308,8 +308,7 @@ class Pool:
         nb = cs // checksum.BLOCK
         for s in range(1, len(m.slot_ref)):
             if m.slot_ref[s]:
-                data = self.store.read(s)
-                self.store.write_sums(s * nb, checksum.sums_of(memoryview(data)))
+                self.store.rehash(s * nb, memoryview(self.store.read(s)))
         self.store.sync()
         self.version = codec.FORMAT_VERSION
         self.data.verify = True

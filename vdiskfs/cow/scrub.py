@@ -95,11 +95,9 @@ class Scrub:
             p.data.suspect.difference_update(run)
 
     def _holds(self, slot: int, b: int) -> bool:
+        """Does ``slot`` hold its block ``b`` (a partial slot reads the rest from its base)?"""
         part = self.pool.meta.partial.get(slot)
-        if part is None:
-            return True
-        bs = self.pool.meta.block_size
-        return bool(part[1] >> (b * BLOCK // bs) & 1)
+        return part is None or bool(part[1] >> (b * BLOCK // self.pool.meta.block_size) & 1)
 
     def run(self) -> "Scrub":
         while not self.finished:
@@ -119,27 +117,21 @@ class Scrub:
             want.setdefault(g // nb, []).append(g % nb)
         out: list[Damaged] = []
         for vd in sorted(meta.vdisks.values(), key=lambda v: v.vid):
+            name = vd.name or str(vd.vid)
             hits = []
             for pidx, pid in enumerate(vd.ptab):
-                if not pid:
-                    continue
-                for i, slot in enumerate(meta.pages[pid]):
-                    if not slot:
-                        continue
-                    cidx = pidx * pe + i
-                    srcs = [(slot, None)]
-                    part = meta.partial.get(slot)
-                    if part is not None:
-                        srcs.append((part[0], part[1]))
-                    for src, mask in srcs:
-                        for b in want.get(src, ()):
-                            held = part is not None and (part[1] >> (b * BLOCK //
-                                                         meta.block_size) & 1)
-                            if (mask is None) == (part is None or bool(held)):
-                                hits.append(cidx * cs + b * BLOCK)
+                for i, slot in enumerate(meta.pages[pid] if pid else ()):
+                    base = (pidx * pe + i) * cs
+                    # The chunk reads block b from its slot if the slot holds it, else
+                    # from the partial slot's base.
+                    hits += [base + b * BLOCK for b in want.get(slot, ())
+                             if self._holds(slot, b)]
+                    if slot in meta.partial:
+                        hits += [base + b * BLOCK for b in want.get(meta.partial[slot][0], ())
+                                 if not self._holds(slot, b)]
             for off in sorted(hits):
-                if out and out[-1].vdisk == (vd.name or str(vd.vid)) and out[-1].end == off:
+                if out and out[-1].vdisk == name and out[-1].end == off:
                     out[-1].end = off + BLOCK
                 else:
-                    out.append(Damaged(vd.name or str(vd.vid), off, off + BLOCK))
+                    out.append(Damaged(name, off, off + BLOCK))
         return out

@@ -123,9 +123,6 @@ class Space(Drops):
         """Are slots waiting for a commit before they can be reused?"""
         return bool(self.freed_slots or self.inflight)
 
-    def is_free(self, slot: int) -> bool:
-        return slot >= self.next_slot or slot in self.free_slots
-
     # ------------------------------------------------------------ commits
     def begin_commit(self) -> Token:
         t = Token(self.freed_slots, self.freed_pids, self.unstable_slots, self.unstable_pages)
