@@ -67,6 +67,17 @@ class Model:
         else:
             d.extend(bytes(size - len(d)))
 
+    def fallocate(self, vid, name, mode, off, n):
+        """fallocate(2) as Pool.fallocate documents it: punch and zero range read zeros;
+        without KEEP_SIZE (1) the VDisk grows to cover the range."""
+        d = self.disks[name]
+        if not mode & 1 and off + n > len(d):
+            d.extend(bytes(off + n - len(d)))
+        end = min(off + n, len(d))
+        if mode & 0x12 and off < end:
+            d[off:end] = bytes(end - off)
+            self.touched(vid, name, off // CS, (end - 1) // CS)
+
     def snapshot(self, pool: Pool):
         return ({pool.lookup(n).vid: (n, bytes(d)) for n, d in self.disks.items()},
                 {pool.lookup(n).vid: (n, d) for n, d in self.pending.items()})
@@ -153,11 +164,11 @@ def run_random(path: str, seed: int, steps: int, *, inflight: bool,
         return f"v{counter}"
 
     def data_op(names_):
-        """One write, zero write or truncate; returns the op's name."""
+        """One write, zero write, fallocate or truncate; returns the op's name."""
         name = rnd.choice(names_)
         vd = pool.lookup(name)
         r = rnd.random()
-        if r < 0.55:
+        if r < 0.5:
             off = rnd.randrange(0, maxsize)
             n = rnd.choice([1, 7, CS, 2 * CS, rnd.randrange(1, 3 * CS)])
             if rnd.random() < 0.3:
@@ -167,7 +178,7 @@ def run_random(path: str, seed: int, steps: int, *, inflight: bool,
             pool.write(vd, off, data)
             model.write(vd.vid, name, off, data)
             return "write"
-        if r < 0.85:
+        if r < 0.75:
             off = rnd.randrange(0, maxsize)
             if rnd.random() < 0.5:
                 off -= off % CS
@@ -175,6 +186,15 @@ def run_random(path: str, seed: int, steps: int, *, inflight: bool,
             pool.write(vd, off, bytes(n))
             model.write(vd.vid, name, off, bytes(n))
             return "zero"
+        if r < 0.88:
+            mode = rnd.choice([3, 3, 3, 16, 17, 0, 1])      # punch, zero range, preallocate
+            off = rnd.randrange(0, maxsize)
+            if rnd.random() < 0.5:
+                off -= off % CS
+            n = rnd.choice([CS, SPAN, 3 * SPAN, rnd.randrange(1, 3 * SPAN)])
+            pool.fallocate(vd, mode, off, n)
+            model.fallocate(vd.vid, name, mode, off, n)
+            return "fallocate"
         size = rnd.choice([0, rnd.randrange(0, maxsize), rnd.randrange(0, maxsize)])
         pool.truncate(vd, size)
         model.truncate(vd.vid, name, size)

@@ -107,7 +107,7 @@ class Clones:
         vid = m.next_vid
         dst_props = props.for_clone(self.uuid, vid, src.props)
         dst_props["clone_job"] = jid
-        total = sum(1 for pid in src.ptab if pid)
+        total = len(src.ptab)
         job = Job(id=jid, src=src.vid, dst=vid, src_name=src_name, dst_name=dst_name,
                   total=total, bytes=src.nalloc * m.chunk_size, started_ns=time.time_ns())
         with self.txn:
@@ -126,39 +126,40 @@ class Clones:
         m, txn = self.meta, self.txn
         src, dst = m.vdisks[job.src], m.vdisks[job.dst]
         done = self._done[job.id]
-        end = len(dst.ptab)
-        pidx = job.cursor
-        shared = pages = 0
+        end = dst.npages
+        # The mapped source pages the job has yet to share (holes cost nothing).
+        todo = [p for p, _ in src.pages_in(job.cursor, min(end, src.npages)) if p not in done]
+        take = todo[:max_pages]
         with txn:
-            while pidx < end and pages < max_pages:
-                if pidx in done or pidx >= len(src.ptab) or not src.ptab[pidx]:
-                    pidx += 1
-                    continue
-                run = pidx   # a run of mapped, unhandled pages: one op
-                while (pidx < end and pidx < len(src.ptab) and src.ptab[pidx]
-                       and pidx not in done and pages < max_pages):
-                    shared += m.mapped_in_page(src.ptab[pidx])
-                    pages += 1
-                    pidx += 1
-                txn.apply(["vshare", src.vid, dst.vid, run, pidx])
-            txn.apply(["jset", job.id, "cursor", pidx])
-            if pages:
-                txn.apply(["jset", job.id, "progress", job.progress + pages])
-            if pidx >= end:
+            i = 0
+            while i < len(take):     # each run of consecutive pages: one op
+                j = i + 1
+                while j < len(take) and take[j] == take[j - 1] + 1:
+                    j += 1
+                txn.apply(["vshare", src.vid, dst.vid, take[i], take[j - 1] + 1])
+                i = j
+            cursor = end if len(todo) <= max_pages else take[-1] + 1
+            txn.apply(["jset", job.id, "cursor", cursor])
+            if take:
+                txn.apply(["jset", job.id, "progress", job.progress + len(take)])
+            if cursor >= end:
                 self._finish(job, COMPLETED)
-        return shared * m.chunk_size
+        return sum(m.mapped_in_page(src.ptab[p]) for p in take) * m.chunk_size
 
-    def guard(self, vd: VDisk, p0: int, p1: int) -> None:
+    def guard(self, vd: VDisk, p0: int, p1: int, holes: bool = True) -> None:
         """Source pages [p0, p1) are about to change: give unreached ones to the clones
-        first. Runs inside the caller's transaction."""
+        first. Runs inside the caller's transaction. A hole about to be filled is marked
+        done (the clone keeps it a hole); ``holes=False`` when the change only takes
+        pages away (punch, shrink), so a hole stays one and needs nothing."""
         txn = self.txn
         for job in self.sources.get(vd.vid, ()):
             done = self._done[job.id]
             dst = self.meta.vdisks[job.dst]
-            for pidx in range(max(p0, job.cursor), min(p1, len(dst.ptab))):
+            lo, hi = max(p0, job.cursor), min(p1, dst.npages)
+            for pidx in (range(lo, hi) if holes else [p for p, _ in vd.pages_in(lo, hi)]):
                 if pidx in done:
                     continue
-                if pidx < len(vd.ptab) and vd.ptab[pidx]:
+                if pidx in vd.ptab:
                     txn.apply(["vshare", vd.vid, dst.vid, pidx, pidx + 1])
                     txn.apply(["jset", job.id, "progress", job.progress + 1])
                 txn.apply(["jdone", job.id, pidx])
@@ -175,9 +176,9 @@ class Clones:
             src = self.meta.vdisks.get(job.src)
             done = self._done.get(job.id, ())
             if src is not None:
-                for pidx in range(job.cursor, len(src.ptab)):
-                    if src.ptab[pidx] and pidx not in done:
-                        self.space.hold_page(src.ptab[pidx])
+                for pidx, pid in src.pages_in(job.cursor, src.npages):
+                    if pidx not in done:
+                        self.space.hold_page(pid)
             if job.dst in self.meta.vdisks:
                 txn.apply(["vdel", job.dst])   # releases every page it shared
         txn.apply(["jset", job.id, "state", state])

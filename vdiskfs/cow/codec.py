@@ -18,7 +18,7 @@ import msgpack
 
 #: Version of every record this code writes; the history is in docs/FORMAT.md. Bump it
 #: (and teach ``check_version`` a migration) whenever a record's meaning changes.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 FRAME_MAGIC = b"VDF1"
 FRAME_HEADER = struct.Struct("<4sII")

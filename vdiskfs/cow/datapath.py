@@ -110,7 +110,7 @@ class DataPath:
             cidx, coff = divmod(off + pos, cs)
             n = min(cs - coff, size - pos)
             pidx = cidx // pe
-            pid = ptab[pidx] if pidx < len(ptab) else 0
+            pid = ptab.get(pidx)
             slot = pages[pid][cidx % pe] if pid else 0
             if slot:
                 for src, soff, ln in (self._sources(slot, coff, n) if slot in partial
@@ -221,19 +221,28 @@ class DataPath:
         return self.write(vd, vd.size, memoryview(self.zero)[:self.cs - tail])
 
     def unmap(self, vd: VDisk, first: int, end: int) -> list[list]:
-        """Ops that turn chunks [first, end) into holes (a shrink)."""
+        """Ops that turn chunks [first, end) into holes (a punch, a shrink). A page wholly
+        inside loses this VDisk's reference (``pdrop``: a shared page is not copied, the
+        other VDisks keep it); one cut by an edge gets a private copy whose entries go."""
         plan = _Plan(self)
-        for cidx in range(first, end):
-            if self.meta.slot_of(vd, cidx):
-                plan.private_page(vd, cidx // self.pe)
-                plan.ops.append(["eset", vd.vid, cidx, 0])
+        pe, pages = self.pe, self.meta.pages
+        for pidx, pid in vd.pages_in(first // pe, -(-end // pe)):
+            lo, hi = max(first - pidx * pe, 0), min(end - pidx * pe, pe)
+            if (lo, hi) == (0, pe):
+                plan.ops.append(["pdrop", vd.vid, pidx])
+                continue
+            page = pages[pid]
+            gone = [i for i in range(lo, hi) if page[i]]
+            if gone:
+                plan.private_page(vd, pidx)
+                plan.ops.extend(["eset", vd.vid, pidx * pe + i, 0] for i in gone)
         return plan.do()
 
     def _plan_chunk(self, plan: "_Plan", vd: VDisk, cidx: int, coff: int,
                     piece: memoryview) -> None:
         m, cs = self.meta, self.cs
         pidx, i = divmod(cidx, self.pe)
-        pid = vd.ptab[pidx]
+        pid = vd.ptab.get(pidx, 0)
         slot = m.pages[pid][i] if pid else 0
         n = len(piece)
         zero = self.zero.startswith(piece)
@@ -336,7 +345,7 @@ class _Plan:
         """The page of ``pidx`` must be private before its entries change."""
         if pidx in self.private:
             return
-        pid = vd.ptab[pidx]
+        pid = vd.ptab.get(pidx)
         if not pid or self.dp.meta.page_ref[pid] != 1:
             new = self.dp.space.alloc_pid()
             self.pids.append(new)

@@ -106,9 +106,7 @@ def count_page_refs(m: Metadata) -> tuple[array, list[str]]:
     count = array("I", bytes(4 * (max(len(m.page_ref), max(m.pages, default=0) + 1))))
     missing = []
     for vd in m.vdisks.values():
-        for pidx, pid in enumerate(vd.ptab):
-            if not pid:
-                continue
+        for pidx, pid in sorted(vd.ptab.items()):
             if pid not in m.pages:
                 missing.append(f"VDisk {vd.name or vd.vid} page {pidx} names missing page {pid}")
                 continue
@@ -155,10 +153,11 @@ class VDiskRecords(Check):
                 seen[vd.name] = vd.vid
             if m.names.get(vd.name, vd.vid) != vd.vid:
                 r.add(Severity.ERROR, self.name, f"name index of {vd.name} is wrong")
-            if len(vd.ptab) != m.pages_for(vd.size):
+            past = [p for p in vd.ptab if not 0 <= p < m.pages_for(vd.size)]
+            if past or vd.npages != m.pages_for(vd.size):
                 r.add(Severity.ERROR, self.name,
-                      f"VDisk {vd.name}: page table length {len(vd.ptab)} does not match "
-                      f"size {vd.size}")
+                      f"VDisk {vd.name}: page table ({vd.npages} pages, {len(past)} mapped "
+                      f"past the end) does not fit its size {vd.size}")
             if vd.vid >= m.next_vid:
                 r.add(Severity.ERROR, self.name,
                       f"VDisk id {vd.vid} is not below next_vid {m.next_vid}")
@@ -175,12 +174,14 @@ class VDiskRecords(Check):
             if vd.name is not None:
                 m.names[vd.name] = vd.vid
             want = m.pages_for(vd.size)
-            if len(vd.ptab) != want:
+            past = [p for p in vd.ptab if not 0 <= p < want]
+            if past or vd.npages != want:
                 r.add(Severity.INFO, self.name,
-                      f"VDisk {vd.name}: page table resized from {len(vd.ptab)} to {want} "
-                      "entries to fit its size")
-                del vd.ptab[want:]
-                vd.ptab.extend([0] * (want - len(vd.ptab)))
+                      f"VDisk {vd.name}: page table cut to its size ({want} pages; "
+                      f"{len(past)} mapped past the end dropped)")
+                for p in past:
+                    del vd.ptab[p]
+                vd.npages = want
             m.next_vid = max(m.next_vid, vd.vid + 1)
 
 
@@ -294,11 +295,11 @@ class PageRefs(Check):
     def repair(self, ctx: Context, r: Report) -> None:
         m = ctx.meta
         for vd in m.vdisks.values():
-            for pidx, pid in enumerate(vd.ptab):
-                if pid and pid not in m.pages:
+            for pidx, pid in sorted(vd.ptab.items()):
+                if pid not in m.pages:
                     r.add(Severity.LOST, self.name, f"VDisk {vd.name}: page {pidx} was lost; "
                                                     "its range now reads as zeros")
-                    vd.ptab[pidx] = 0
+                    del vd.ptab[pidx]
         count, _ = count_page_refs(m)
         for pid in [p for p in m.pages if not count[p]]:
             r.add(Severity.INFO, self.name, f"page {pid} was not referenced; freed")
@@ -470,7 +471,7 @@ class DerivedState(Check):
     def detect(self, ctx: Context, r: Report) -> None:
         m = ctx.meta
         for vd in m.vdisks.values():
-            mapped = sum(m.mapped_in_page(pid) for pid in vd.ptab if pid in m.pages)
+            mapped = sum(m.mapped_in_page(pid) for pid in vd.ptab.values() if pid in m.pages)
             if vd.nalloc != mapped:
                 r.add(Severity.ERROR, self.name,
                       f"VDisk {vd.name}: {vd.nalloc} chunks counted, {mapped} mapped")
@@ -480,7 +481,7 @@ class DerivedState(Check):
         # The space map is rebuilt from the repaired refcounts when the pool next opens.
         m = ctx.meta
         for vd in m.vdisks.values():
-            vd.nalloc = sum(m.mapped_in_page(pid) for pid in vd.ptab if pid)
+            vd.nalloc = sum(m.mapped_in_page(pid) for pid in vd.ptab.values())
 
 
 CHECKS: tuple[Check, ...] = (VDiskRecords(), CloneJobs(), LostSlots(), PageRefs(),

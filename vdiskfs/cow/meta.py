@@ -2,8 +2,10 @@
 
 Model (dm-thin style two-level sharing; the on-disk form is in docs/FORMAT.md):
 
-- A VDisk has a *page table* ``ptab``: ``array('Q')`` of page ids, one per PE chunks of its
-  address space (PE = page_entries). Page id 0 means "no page: all holes".
+- A VDisk has a *page table* ``ptab``: a dict {page index: page id} of its mapped pages,
+  one page per PE chunks of its address space (PE = page_entries); a page index that is
+  not in it (below ``npages``) is all holes. Sparse, so that an empty VDisk costs the same
+  whatever its size (up to 1 PiB: 4M page indexes at 256 KiB chunks).
 - A *page* is ``array('Q')`` of PE slot numbers. Slot 0 means "hole, reads zeros".
 - ``page_ref[pid]`` = number of page-table entries (over all VDisks) naming page pid.
 - ``slot_ref[s]``  = number of page entries (over all live pages) naming slot s, plus the
@@ -38,17 +40,28 @@ from . import codec, ops, props as props_mod
 from .codec import FormatError
 from .records import Job
 
+_NONZERO = re.compile(rb"[^\x00]")
+
 
 class VDisk:
-    __slots__ = ("vid", "name", "size", "props", "ptab", "nalloc")
+    __slots__ = ("vid", "name", "size", "props", "ptab", "npages", "nalloc")
 
-    def __init__(self, vid: int, name: str | None, size: int, props: dict, ptab: array):
+    def __init__(self, vid: int, name: str | None, size: int, props: dict,
+                 ptab: dict[int, int], npages: int):
         self.vid = vid
         self.name = name
         self.size = size
         self.props = props
-        self.ptab = ptab
+        self.ptab = ptab        # page index -> page id, mapped pages only
+        self.npages = npages    # page indexes the size spans
         self.nalloc = 0  # chunks mapped (nonzero entries), kept for st_blocks
+
+    def pages_in(self, p0: int, p1: int) -> list[tuple[int, int]]:
+        """(page index, page id) of the mapped pages in [p0, p1), ascending."""
+        ptab = self.ptab
+        if p1 - p0 <= len(ptab):
+            return [(p, ptab[p]) for p in range(p0, p1) if p in ptab]
+        return sorted((p, pid) for p, pid in ptab.items() if p0 <= p < p1)
 
 
 class Drops:
@@ -93,14 +106,36 @@ class Metadata:
     # ----------------------------------------------------------------- lookups
     def slot_of(self, vd: VDisk, cidx: int) -> int:
         pidx, i = divmod(cidx, self.page_entries)
-        if pidx >= len(vd.ptab):
-            return 0
-        pid = vd.ptab[pidx]
+        pid = vd.ptab.get(pidx)
         return self.pages[pid][i] if pid else 0
 
     def by_name(self, name: str) -> VDisk | None:
         vid = self.names.get(name)
         return self.vdisks[vid] if vid is not None else None
+
+    def next_mapped(self, vd: VDisk, cidx: int) -> int | None:
+        """The first chunk at or after ``cidx`` that holds data, or None (SEEK_DATA)."""
+        pe = self.page_entries
+        first = cidx // pe
+        for pidx in sorted(p for p in vd.ptab if p >= first):
+            start = cidx - pidx * pe if pidx == first else 0
+            m = _NONZERO.search(memoryview(self.pages[vd.ptab[pidx]]).cast("B"), 8 * start)
+            if m:
+                return pidx * pe + m.start() // 8
+        return None
+
+    def next_hole(self, vd: VDisk, cidx: int) -> int:
+        """The first chunk at or after ``cidx`` that is a hole (SEEK_HOLE); past the last
+        page when every chunk from there is mapped."""
+        pe = self.page_entries
+        pidx, i = divmod(cidx, pe)
+        while pidx in vd.ptab:
+            page = self.pages[vd.ptab[pidx]]
+            try:
+                return pidx * pe + page.index(0, i)
+            except ValueError:
+                pidx, i = pidx + 1, 0
+        return pidx * pe + i
 
     def mapped_in_page(self, pid: int) -> int:
         """How many chunks page ``pid`` maps."""
@@ -133,7 +168,7 @@ class Metadata:
             raise FormatError(f"VDisk {vid} ({name}) exists already")
         if size < 0:
             raise FormatError("negative size")
-        vd = VDisk(vid, name, size, dict(props), array("Q", bytes(8 * self.pages_for(size))))
+        vd = VDisk(vid, name, size, dict(props), {}, self.pages_for(size))
         self.vdisks[vid] = vd
         self.names[name] = vid
         self.next_vid = max(self.next_vid, vid + 1)
@@ -164,20 +199,19 @@ class Metadata:
         if size < 0:
             raise FormatError("negative size")
         npages = self.pages_for(size)
-        while len(vd.ptab) > npages:
-            pid = vd.ptab.pop()
-            if pid:
-                vd.nalloc -= self.mapped_in_page(pid)
-                self._page_decref(pid)
-        if len(vd.ptab) < npages:
-            vd.ptab.extend(array("Q", bytes(8 * (npages - len(vd.ptab)))))
+        if npages < vd.npages:
+            for pidx, _ in reversed(vd.pages_in(npages, vd.npages)):
+                self._drop_page(vd, pidx)
+        vd.npages = npages
         vd.size = size
 
     def _op_pcow(self, vid: int, pidx: int, pid: int) -> None:
         vd = self._vd(vid)
         if pid <= 0 or (pid < len(self.page_ref) and self.page_ref[pid]):
             raise FormatError(f"page {pid} is in use")
-        old = vd.ptab[pidx]
+        if not 0 <= pidx < vd.npages:
+            raise FormatError(f"pcow: page {pidx} is past the end of VDisk {vid}")
+        old = vd.ptab.get(pidx, 0)
         if old:
             page = array("Q", self.pages[old])
             slot_ref = self.slot_ref
@@ -197,7 +231,7 @@ class Metadata:
         """The VDisk, its private page and the index in it of chunk ``cidx``."""
         vd = self._vd(vid)
         pidx, i = divmod(cidx, self.page_entries)
-        pid = vd.ptab[pidx]
+        pid = vd.ptab.get(pidx)
         if not pid or self.page_ref[pid] != 1:
             raise FormatError(f"{op} on a shared or missing page (VDisk {vid} chunk {cidx})")
         return vd, self.pages[pid], i
@@ -260,23 +294,31 @@ class Metadata:
 
     def _op_vshare(self, src: int, dst: int, p0: int, p1: int) -> None:
         s, d = self._vd(src), self._vd(dst)
-        if p1 > len(s.ptab) or p1 > len(d.ptab) or p0 < 0 or p0 > p1:
+        if p1 > s.npages or p1 > d.npages or p0 < 0 or p0 > p1:
             raise FormatError("vshare range out of bounds")
+        if d.pages_in(p0, p1):
+            raise FormatError(f"vshare onto a mapped page (VDisk {dst} pages {p0}-{p1})")
         page_ref = self.page_ref
-        for pidx in range(p0, p1):
-            if d.ptab[pidx]:
-                raise FormatError(f"vshare onto a mapped page (VDisk {dst} page {pidx})")
-            pid = s.ptab[pidx]
-            if pid:
-                page_ref[pid] += 1
-                d.ptab[pidx] = pid
-                d.nalloc += self.mapped_in_page(pid)
+        for pidx, pid in s.pages_in(p0, p1):
+            page_ref[pid] += 1
+            d.ptab[pidx] = pid
+            d.nalloc += self.mapped_in_page(pid)
+
+    def _op_pdrop(self, vid: int, pidx: int) -> None:
+        vd = self._vd(vid)
+        if pidx not in vd.ptab:
+            raise FormatError(f"pdrop: VDisk {vid} has no page {pidx}")
+        self._drop_page(vd, pidx)
+
+    def _drop_page(self, vd: VDisk, pidx: int) -> None:
+        pid = vd.ptab.pop(pidx)
+        vd.nalloc -= self.mapped_in_page(pid)
+        self._page_decref(pid)
 
     def _op_vdel(self, vid: int) -> None:
         vd = self._vd(vid)
-        for pid in vd.ptab:
-            if pid:
-                self._page_decref(pid)
+        for pid in vd.ptab.values():
+            self._page_decref(pid)
         if vd.name is not None:
             del self.names[vd.name]
         del self.vdisks[vid]
@@ -330,8 +372,8 @@ class Metadata:
         """(allocated, unique) bytes of a VDisk; shared = allocated - unique."""
         unique = 0
         slot_ref = self.slot_ref
-        for pid in vd.ptab:
-            if pid and self.page_ref[pid] == 1:
+        for pid in vd.ptab.values():
+            if self.page_ref[pid] == 1:
                 unique += sum(1 for s in self.pages[pid] if s and slot_ref[s] == 1)
         return vd.nalloc * self.chunk_size, unique * self.chunk_size
 
@@ -350,7 +392,9 @@ class Metadata:
             "chunk_size": self.chunk_size, "page_entries": self.page_entries,
             "next_vid": self.next_vid, "next_job": self.next_job,
             "vdisks": [{"vid": vd.vid, "name": vd.name, "size": vd.size, "props": vd.props,
-                        "ptab": codec.array_to_bin(vd.ptab)} for vd in self.vdisks.values()],
+                        "pmap": codec.array_to_bin(array("Q", [
+                            x for item in sorted(vd.ptab.items()) for x in item]))}
+                       for vd in self.vdisks.values()],
             "page_ids": codec.array_to_bin(pids), "pages": bytes(blob),
             "page_ref": codec.array_to_bin(self.page_ref),
             "slot_ref": codec.array_to_bin(self.slot_ref),
@@ -376,13 +420,15 @@ class Metadata:
             m.page_ref = codec.array_from_bin("I", rec["page_ref"], what)
             m.slot_ref = codec.array_from_bin("I", rec["slot_ref"], what)
             for d in rec["vdisks"]:
+                npages = m.pages_for(d["size"])
                 vd = VDisk(d["vid"], d["name"], d["size"], d["props"],
-                           codec.array_from_bin("Q", d["ptab"], what))
-                if len(vd.ptab) != m.pages_for(vd.size):
-                    raise FormatError(f"{what}: VDisk {vd.vid} page table has the wrong length")
-                for pid in vd.ptab:
-                    if pid:
-                        vd.nalloc += m.mapped_in_page(pid)
+                           _page_table(d, npages, what), npages)
+                if any(not 0 <= p < vd.npages for p in vd.ptab):
+                    raise FormatError(f"{what}: VDisk {vd.vid} maps a page past its size")
+                for pid in vd.ptab.values():
+                    if pid not in m.pages:
+                        raise FormatError(f"{what}: VDisk {vd.vid} maps a missing page {pid}")
+                    vd.nalloc += m.mapped_in_page(pid)
                 m.vdisks[vd.vid] = vd
                 if vd.name is not None:
                     m.names[vd.name] = vd.vid
@@ -400,3 +446,21 @@ class Metadata:
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{what}: malformed checkpoint ({e!r})") from None
         return m
+
+
+def _page_table(d: dict, npages: int, what: str) -> dict[int, int]:
+    """A checkpoint VDisk's page table: the sparse ``pmap`` (format 4), or the dense
+    ``ptab`` of older formats (one page id per page index, 0 = none)."""
+    if "pmap" in d:
+        pairs = codec.array_from_bin("Q", d["pmap"], what)
+        if len(pairs) % 2:
+            raise FormatError(f"{what}: VDisk {d['vid']} page map has an odd length")
+        ptab = dict(zip(pairs[0::2], pairs[1::2]))
+        if len(ptab) * 2 != len(pairs) or 0 in ptab.values():
+            raise FormatError(f"{what}: VDisk {d['vid']} page map repeats a page index "
+                              "or names page 0")
+        return ptab
+    dense = codec.array_from_bin("Q", d["ptab"], what)
+    if len(dense) != npages:
+        raise FormatError(f"{what}: VDisk {d['vid']} page table has the wrong length")
+    return {p: pid for p, pid in enumerate(dense) if pid}

@@ -52,6 +52,7 @@ OPS = _table(
     Op("pmask", 2, ("slot", INT), ("mask", INT)),
     Op("cold", 3, ("slots", (bytes,))),
     Op("vshare", 1, ("src", INT), ("dst", INT), ("p0", INT), ("p1", INT)),
+    Op("pdrop", 4, ("vid", INT), ("pidx", INT)),
     Op("vdel", 1, ("vid", INT)),
     Op("jnew", 1, ("job", (dict,))),
     Op("jset", 1, ("id", INT), ("key", STR), ("value", ANY)),

@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 
 MAX_VDISK_SIZE = 1 << 50          # 1 PiB of address space per VDisk
 
+# fallocate(2) mode bits (linux/falloc.h) a VDisk takes; the kernel refuses the others.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_MODES = (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
+SEEK_DATA, SEEK_HOLE = 3, 4
+
 
 class JournalMissing(FormatError):
     """A sound checkpoint without its journal: refused, not papered over."""
@@ -348,7 +356,7 @@ class Pool:
         with self.txn:
             self.txn.apply(["vnew", vid, dst_name, src.size,
                             props.for_clone(self.header["uuid"], vid, src.props)])
-            self.txn.apply(["vshare", src.vid, vid, 0, len(src.ptab)])
+            self.txn.apply(["vshare", src.vid, vid, 0, src.npages])
         return self.meta.vdisks[vid]
 
     def rename(self, vd: VDisk, new: str, *, replace: bool = True,
@@ -484,18 +492,112 @@ class Pool:
         span = self.chunk_size * pe
         with txn:
             if size > vd.size:
-                if vd.vid in self.clones.sources:
-                    self.clones.guard(vd, vd.size // span, vd.size // span + 1)
-                txn.apply_all(self.data.zero_tail(vd))
-                txn.apply(["vsize", vd.vid, size])
+                self._grow(vd, size)
                 return
             if vd.vid in self.clones.sources:
-                self.clones.guard(vd, size // span, len(vd.ptab))
-            last_page_end = min(len(vd.ptab) * pe, self.meta.pages_for(size) * pe)
-            txn.apply_all(self.data.unmap(vd, self.meta.chunks_for(size), last_page_end))
+                    self.clones.guard(vd, size // span, vd.npages, holes=False)
+            txn.apply_all(self.data.unmap(vd, self.meta.chunks_for(size), vd.npages * pe))
             txn.apply(["vsize", vd.vid, size])
             txn.apply_all(self.data.zero_tail(vd))  # frees the last chunk if only zeros remain
             txn.touch(vd)
+
+    def _grow(self, vd: VDisk, size: int) -> None:
+        """Grow the VDisk to ``size`` (in a transaction): the junk past its old end in
+        its last chunk becomes zeros first."""
+        if vd.vid in self.clones.sources:
+            span = self.chunk_size * self.page_entries
+            self.clones.guard(vd, vd.size // span, vd.size // span + 1)
+        self.txn.apply_all(self.data.zero_tail(vd))
+        self.txn.apply(["vsize", vd.vid, size])
+
+    def fallocate(self, vd: VDisk, mode: int, off: int, length: int) -> None:
+        """fallocate(2) on a VDisk: thin storage's meaning of each mode.
+
+        - PUNCH_HOLE|KEEP_SIZE (discard from a loop device, ``fstrim``, ``blkdiscard``):
+          the range reads zeros; the chunks wholly inside stop being mapped (a shared one
+          loses only this VDisk's reference), the edges are zeroed in place or copied.
+        - ZERO_RANGE (``blkdiscard -z``, write-zeroes): the same, and without KEEP_SIZE
+          the VDisk grows to cover the range.
+        - 0 or KEEP_SIZE (preallocation): nothing is reserved, since thin provisioning
+          takes space when data is written (and copy-on-write needs fresh space for a
+          shared chunk anyway); without KEEP_SIZE the VDisk grows. ENOSPC if the pool's
+          filesystem has less room than the range's unmapped chunks would take: a
+          preallocation that could not possibly be honoured fails at once.
+        Any other mode: EOPNOTSUPP (never ENOSYS, which would turn fallocate off)."""
+        self.txn.check_writable()
+        if mode not in FALLOC_MODES:
+            raise VDiskError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+        if off < 0 or length <= 0:
+            raise VDiskError(errno.EINVAL, "fallocate: bad offset or length")
+        end = off + length
+        if end > MAX_VDISK_SIZE:
+            raise VDiskError(errno.EFBIG, "fallocate past the largest VDisk size")
+        if self.clones.unfinished(vd):
+            raise VDiskError(errno.EBUSY, f"{vd.name} is an unfinished clone")
+        punch = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)
+        grow = not mode & FALLOC_FL_KEEP_SIZE and end > vd.size
+        if not punch:
+            self._check_room(vd, off, end)
+            if not grow:
+                return
+        try:
+            with self.txn:
+                if grow:
+                    self._grow(vd, end)
+                if punch and off < vd.size:
+                    self._punch(vd, off, min(end, vd.size))
+                self.txn.touch(vd)
+        except StoreFailed as e:
+            self._failed(e)
+
+    def _punch(self, vd: VDisk, off: int, end: int) -> None:
+        """Make [off, end) read zeros, unmapping what it can (in a transaction)."""
+        cs = self.chunk_size
+        span = cs * self.page_entries
+        if end >= vd.size:               # the bytes past the end count as zeros too
+            end = self.meta.chunks_for(vd.size) * cs
+        if vd.vid in self.clones.sources:
+            self.clones.guard(vd, off // span, (end - 1) // span + 1, holes=False)
+        first, last = -(-off // cs), end // cs       # the chunks wholly inside
+        zero = memoryview(self.data.zero)
+        if first > last:                             # within one chunk
+            self.txn.apply_all(self.data.write(vd, off, zero[:end - off]))
+            return
+        if off < first * cs:
+            self.txn.apply_all(self.data.write(vd, off, zero[:first * cs - off]))
+        if last * cs < end:
+            self.txn.apply_all(self.data.write(vd, last * cs, zero[:end - last * cs]))
+        self.txn.apply_all(self.data.unmap(vd, first, last))
+
+    def _check_room(self, vd: VDisk, off: int, end: int) -> None:
+        cs, pe = self.chunk_size, self.page_entries
+        first, stop = off // cs, -(-end // cs)
+        mapped = 0
+        for pidx, pid in vd.pages_in(first // pe, -(-stop // pe)):
+            page = self.meta.pages[pid]
+            lo, hi = max(first - pidx * pe, 0), min(stop - pidx * pe, pe)
+            mapped += hi - lo - page[lo:hi].count(0)
+        need = (stop - first - mapped) * cs
+        st = os.statvfs(self.path)
+        if need > st.f_bavail * st.f_frsize:
+            raise VDiskError(errno.ENOSPC, f"fallocate of {need} bytes: the pool's "
+                             f"filesystem has {st.f_bavail * st.f_frsize} free")
+
+    def seek(self, vd: VDisk, off: int, whence: int) -> int:
+        """lseek(2) SEEK_DATA / SEEK_HOLE at chunk granularity: a mapped chunk is data
+        (even if it holds zeros), an unmapped one a hole, and the end of the VDisk is
+        a hole. ENXIO at or past the end, as for any file."""
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise VDiskError(errno.EINVAL, f"lseek whence {whence}")
+        if not 0 <= off < vd.size:
+            raise VDiskError(errno.ENXIO, "lseek past the end")
+        cs = self.chunk_size
+        if whence == SEEK_DATA:
+            c = self.meta.next_mapped(vd, off // cs)
+            if c is None or c * cs >= vd.size:
+                raise VDiskError(errno.ENXIO, "no data past the offset")
+            return max(off, c * cs)
+        return min(max(off, self.meta.next_hole(vd, off // cs) * cs), vd.size)
 
     # ------------------------------------------------------------ figures
     def usage(self, vd: VDisk) -> dict:

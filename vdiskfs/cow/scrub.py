@@ -119,8 +119,8 @@ class Scrub:
         for vd in sorted(meta.vdisks.values(), key=lambda v: v.vid):
             name = vd.name or str(vd.vid)
             hits = []
-            for pidx, pid in enumerate(vd.ptab):
-                for i, slot in enumerate(meta.pages[pid] if pid else ()):
+            for pidx, pid in sorted(vd.ptab.items()):
+                for i, slot in enumerate(meta.pages[pid]):
                     base = (pidx * pe + i) * cs
                     # The chunk reads block b from its slot if the slot holds it, else
                     # from the partial slot's base.
