@@ -108,6 +108,12 @@ FIGURES = {
     "writer": ("writer", "O_DIRECT writer while cloning", "MiB/s", True),
     "writer_clones": ("writer", "clones done while writing", "n", True),
     "scrub": ("scrub", "scrub, cold (vs cat through the mount)", "MiB/s", True),
+    "thin_fstrim": ("thin", "fstrim of a deleted file in an ext4 guest", "s", False),
+    "thin_fstrim_returned": ("thin", "space fstrim gave back", "%", True),
+    "thin_mkfs_100g": ("thin", "mkfs.ext4 of 100 GiB (defaults)", "s", False),
+    "thin_mkfs_100g_alloc": ("thin", "space held after mkfs.ext4 of 100 GiB", "MiB", False),
+    "thin_cp_sparse_256m": ("thin", "cp --sparse=auto, 64 GiB holding 256 MiB", "s", False),
+    "thin_cp_sparse_1g": ("thin", "cp --sparse=auto, 64 GiB holding 1 GiB", "s", False),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 # 64 GiB < 100 ms; RSS < 200 MiB; mount < 2 s.
 CHECKS = [
     ("scrub", "cat", 0.5, ">=0.5x cat"),
+    ("thin_fstrim_returned", "native", 0.9, ">=0.9x native"),
     ("seq_write_1m", "bindfs", 1.0, ">=1.0x bindfs"),
     ("seq_write_1m", "pyfloor", 1.0, ">=1.0x pyfloor"),
     ("seq_write_128k", "bindfs", 1.0, ">=1.0x bindfs"),

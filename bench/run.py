@@ -33,6 +33,10 @@ Sections (``--only`` takes these names):
           pool of 16 VDisks x 64 GiB (1 TiB of address space) with 4 GiB mapped each
   writer  a concurrent writer (1 MiB O_DIRECT writes to another VDisk) while clones of a
           64 GiB-mapped VDisk run back to back, against the writer alone
+  scrub   vdiskfs scrub of 1 GiB (quick: 256 MiB) against cat of it, cold
+  thin    fstrim of a deleted 4 GiB file (quick: 1 GiB) in an ext4 guest (time, space
+          given back), mkfs.ext4 of 100 GiB (time, space held), cp --sparse=auto of a
+          64 GiB image holding 256 MiB and 1 GiB; against an image on the native fs
 
 Each figure is measured --reps times (3; --quick: 1) interleaving the targets; the table
 shows the median with min-max, and speed ratios (> 1: vdiskfs is faster) against the

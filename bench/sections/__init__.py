@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-SECTIONS = ("seq", "fio", "ext4", "fresh", "clone", "mount", "writer", "scrub")
+SECTIONS = ("seq", "fio", "ext4", "fresh", "clone", "mount", "writer", "scrub", "thin")
 
 
 def measure_fn(name: str):

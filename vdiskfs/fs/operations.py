@@ -161,15 +161,18 @@ class Operations(pyfuse3.Operations):
             log.debug("invalidate_entry(%s): %s", name, e)
 
     async def _flush_vdisk(self, name: str) -> None:
-        """Write the kernel's dirty pages of a VDisk back (writeback cache) before a clone
-        point. Blocks on writes this loop must serve, hence the worker thread."""
+        """Write the kernel's dirty pages of a VDisk back before a clone point."""
         vd = self.pool.lookup(name)
-        if vd is None:
-            return
+        if vd is not None:
+            await self._writeback(vd)
+
+    async def _writeback(self, vd: VDisk) -> None:
+        """Make the kernel write back its dirty pages of a VDisk (writeback cache) and drop
+        its cached ones. Blocks on writes this loop must serve, hence the worker thread."""
         try:
             await trio.to_thread.run_sync(pyfuse3.invalidate_inode, vd.vid + VDISK_BASE, False)
         except OSError as e:   # ENOENT: the kernel has no cache of it
-            log.debug("invalidate_inode(%s): %s", name, e)
+            log.debug("invalidate_inode(%s): %s", vd.name, e)
 
     async def _released(self, vd: VDisk) -> None:
         """The kernel sends RELEASE in the background after close(2) returns, behind its
@@ -412,15 +415,18 @@ class Operations(pyfuse3.Operations):
             else:
                 await self.jobs.execute(commands.parse(bytes(buf)), self._flush_vdisk)
             return len(buf)
+        return await self._retry_enospc(self.pool.write, h.vd, off, buf)
+
+    async def _retry_enospc(self, call: Callable, *args: Any) -> Any:
         try:
-            return self.pool.write(h.vd, off, buf)
+            return call(*args)
         except OSError as e:
             # Space freed by a delete comes back only once that delete is durable: make it
             # so and try once more before telling the writer the disk is full.
             if e.errno != errno.ENOSPC or not self.pool.space.frees_pending():
                 raise
             await self.syncer.sync()
-            return self.pool.write(h.vd, off, buf)
+            return call(*args)
 
     @handler
     async def flush(self, fh):
@@ -444,7 +450,10 @@ class Operations(pyfuse3.Operations):
     async def statfs(self, ctx):
         st = os.statvfs(self.pool.path)
         s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = st.f_frsize
+        # f_bsize, the preferred I/O size, is the chunk: the loop driver takes it as its
+        # discard granularity, so fstrim sends discards that free whole chunks.
+        s.f_bsize = self.pool.chunk_size
+        s.f_frsize = st.f_frsize
         s.f_blocks = st.f_blocks
         used = self.pool.used_bytes() // st.f_frsize
         # df: used = the pool's data + metadata; avail = what the backing fs really has.
@@ -480,3 +489,26 @@ class Operations(pyfuse3.Operations):
         if inode < VDISK_BASE:
             raise FUSEError(pyfuse3.ENOATTR)
         xattrs.remove(self.vdisk(inode), name)
+
+    # ------------------------------------------------------------ thin provisioning
+    # pyfuse3 has no handlers for these: fs/session.py installs them into libfuse's
+    # session and calls these methods (errors as FUSEError, as for any handler).
+    @handler
+    async def fallocate(self, inode, mode, off, length):
+        """Punch hole, zero range, preallocation (Pool.fallocate). The kernel has written
+        back its dirty pages in the range before, and drops its cached ones after."""
+        if inode < VDISK_BASE:
+            raise FUSEError(errno.EOPNOTSUPP)
+        await self._retry_enospc(self.pool.fallocate, self.vdisk(inode), mode, off, length)
+
+    @handler
+    async def lseek(self, inode, off, whence):
+        """SEEK_DATA / SEEK_HOLE (Pool.seek). The kernel does not write back its dirty
+        pages before asking (fs/fuse/file.c: fuse_lseek), and a dirty page not written
+        back yet is data, so they are written back first: otherwise cp --sparse or
+        qemu-img would skip data the writer already wrote."""
+        if inode < VDISK_BASE:
+            raise FUSEError(errno.EINVAL)
+        vd = self.vdisk(inode)
+        await self._writeback(vd)
+        return self.pool.seek(vd, off, whence)
