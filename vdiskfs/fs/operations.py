@@ -480,3 +480,38 @@ class Operations(pyfuse3.Operations):
         if inode < VDISK_BASE:
             raise FUSEError(pyfuse3.ENOATTR)
         xattrs.remove(self.vdisk(inode), name)
+
+    # ------------------------------------------------------------ fallocate, lseek
+    # Not pyfuse3 handlers: fs/extra_ops.py calls them (it answers ENOSYS as EOPNOTSUPP).
+    # Until the engine has Pool.fallocate / Pool.seek: EOPNOTSUPP, and SEEK_DATA /
+    # SEEK_HOLE as if every byte below the size were data.
+    @handler
+    async def fallocate(self, inode, mode, off, length):
+        vd = self.vdisk(inode)
+        engine = getattr(self.pool, "fallocate", None)
+        if engine is None:
+            raise FUSEError(errno.EOPNOTSUPP)
+        engine(vd, mode, off, length)
+
+    @handler
+    async def lseek(self, inode, off, whence):
+        vd = self.vdisk(inode)
+        await self._write_back(inode)
+        engine = getattr(self.pool, "seek", None)
+        if engine is not None:
+            return engine(vd, off, whence)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FUSEError(errno.EINVAL)
+        if not 0 <= off < vd.size:
+            raise FUSEError(errno.ENXIO)
+        return off if whence == os.SEEK_DATA else vd.size
+
+    async def _write_back(self, inode: int) -> None:
+        """The kernel sends LSEEK without writing its dirty pages back first (writeback
+        cache): bytes written but not yet here would read as a hole, or past the end, and
+        a copy by SEEK_DATA would skip them. Write them back first (through this loop,
+        hence the worker thread); this also drops the inode's page cache."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+        except OSError as e:   # ENOENT: the kernel has no cache of it
+            log.debug("invalidate_inode(%d): %s", inode, e)
