@@ -11,7 +11,7 @@ import trio
 
 from ..cow import layout
 from ..cow.pool import Pool
-from . import killpriv
+from . import extra_ops, killpriv
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,14 @@ class Daemon:
         self.mountpoint = os.path.realpath(mountpoint)
         self.ops = Operations(pool, clone_speed)
         self.signalled = False
+        self.extra: extra_ops.ExtraOps | None = None
 
     def mount(self) -> None:
         pyfuse3.init(self.ops, self.mountpoint, mount_options(self.pool, self.allow_other))
         killpriv.install()     # before the loop reads INIT
+        # fallocate/lseek into the session now; their tasks need the nursery of _main
+        # (no request can arrive before its loop runs).
+        self.extra = extra_ops.install(self.ops)
 
     async def _tune(self) -> None:
         # The kernel sets the bdi's read-ahead during the INIT handshake: raise it after.
@@ -79,6 +83,8 @@ class Daemon:
 
     async def _main(self) -> None:
         async with trio.open_nursery() as nursery:
+            if self.extra is not None:
+                self.extra.bind(nursery)
             nursery.start_soon(self._tune)
             nursery.start_soon(self._signals)
             nursery.start_soon(self.ops.syncer.run_periodic)

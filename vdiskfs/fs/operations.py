@@ -491,7 +491,7 @@ class Operations(pyfuse3.Operations):
         xattrs.remove(self.vdisk(inode), name)
 
     # ------------------------------------------------------------ thin provisioning
-    # pyfuse3 has no handlers for these: fs/session.py installs them into libfuse's
+    # pyfuse3 has no handlers for these: fs/extra_ops.py installs them into libfuse's
     # session and calls these methods (errors as FUSEError, as for any handler).
     @handler
     async def fallocate(self, inode, mode, off, length):
