@@ -10,7 +10,8 @@ import tracemalloc
 
 import pytest
 
-from support.engine import CS, PE, SPAN, check, crash, new_pool, pattern, read_all, slot
+from support.engine import (CS, PE, SPAN, check, crash, new_pool, pattern, read_all,
+                            seek_model, slot)
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.errors import VDiskError
 from vdiskfs.cow.pool import MAX_VDISK_SIZE, SEEK_DATA, SEEK_HOLE, Pool
@@ -201,17 +202,6 @@ def test_freed_slots_are_punched_in_the_data_file(tmp_path):
 
 
 # ---------------------------------------------------------------------------- seek
-def model_seek(chunks: list[bool], size: int, off: int, whence: int) -> int | None:
-    """SEEK_DATA/SEEK_HOLE at chunk granularity over a map of mapped chunks."""
-    if not 0 <= off < size:
-        return None
-    c = off // CS
-    while c * CS < size and chunks[c] != (whence == SEEK_DATA):
-        c += 1
-    if whence == SEEK_HOLE:
-        return min(max(off, c * CS), size)
-    return max(off, c * CS) if c * CS < size else None
-
 
 def test_seek_data_and_hole_against_a_model_with_clones(pool):
     rnd = random.Random(11)
@@ -228,7 +218,7 @@ def test_seek_data_and_hole_against_a_model_with_clones(pool):
         offsets = list(range(0, vd.size, CS // 2)) + [vd.size - 1, vd.size, vd.size + CS]
         for off in offsets:
             for whence in (SEEK_DATA, SEEK_HOLE):
-                want = model_seek(chunks, vd.size, off, whence)
+                want = seek_model(chunks, vd.size, off, whence, CS)
                 if want is None:
                     assert errno_of(lambda: pool.seek(vd, off, whence)) == errno.ENXIO
                 else:

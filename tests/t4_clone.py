@@ -27,8 +27,8 @@ import pytest
 
 from support.clones import (FINAL, HEADER, SLOW, ctl_path, follow, parse_status, pct,
                             read_ctl, state_of, status_rows, valid_progress)
-from support.common import (Mount, assert_user_error, daemon_log, fsck_clean, read_file,
-                            run, used_bytes, write_file)
+from support.common import (Mount, assert_user_error, daemon_log, fsck_clean, fsync_path,
+                            read_file, run, used_bytes, write_file)
 
 pytestmark = pytest.mark.mount
 
@@ -146,11 +146,7 @@ def assert_running(m: Mount, *pairs: tuple[str, str]) -> None:
 
 def commit(path: str) -> None:
     """fsync a VDisk: commits the whole pool (so freed chunks go back to the backing fs)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 def data_du(pool: str) -> int:

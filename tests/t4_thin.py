@@ -13,7 +13,9 @@ import random
 import pytest
 
 from support.clones import ctl_path, follow
-from support.common import allocated, read_file, run, sha256_file, vdiskfs, write_file
+from support.common import (allocated, fsync_path, read_file, run, sha256_file, vdiskfs,
+                            write_file)
+from support.engine import seek_model
 
 pytestmark = pytest.mark.mount
 
@@ -31,14 +33,6 @@ def fallocate(fd: int, mode: int, off: int, n: int) -> None:
     if _libc.fallocate(fd, mode, off, n) != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"fallocate(mode={mode:#x}, {off}, {n}): {os.strerror(e)}")
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def data_file_bytes(pool: str) -> int:
@@ -202,15 +196,7 @@ class Model:
         return [not zero.startswith(self.d[c:c + CS]) for c in range(0, len(self.d), CS)]
 
     def seek(self, off: int, whence: int, chunks: list[bool]) -> int | None:
-        size = len(self.d)
-        if not 0 <= off < size:
-            return None
-        c = off // CS
-        while c * CS < size and chunks[c] != (whence == SEEK_DATA):
-            c += 1
-        if whence == SEEK_HOLE:
-            return min(max(off, c * CS), size)
-        return max(off, c * CS) if c * CS < size else None
+        return seek_model(chunks, len(self.d), off, whence, CS)
 
 
 def check_seek(fd: int, model: Model, rnd: random.Random) -> None:

@@ -55,7 +55,7 @@ MiB = 1 << 20
 BASE_SEED = int(os.environ.get("VDISKFS_POWERLOSS_SEED", "20240917"))
 # Cuts per scenario in the default suite (about 1.5 minutes in all on a 2-core machine).
 CUTS = {"sequential": 8, "random": 10, "clone": 6, "cancel": 6, "checkpoint": 12, "delete": 9,
-        "inplace": 9}
+        "inplace": 9, "punch": 8}
 if os.environ.get("VDISKFS_POWERLOSS_CUTS"):       # e.g. 50: that many cuts per scenario
     CUTS = dict.fromkeys(CUTS, int(os.environ["VDISKFS_POWERLOSS_CUTS"]))
 SLOW_CLONE = ("--clone-speed", "4M")     # with 4K chunks: a page of data takes ~1/4 s
@@ -131,6 +131,19 @@ def tally(outcomes: Counter, verdict) -> None:
 
 
 # ---------------------------------------------------------------- scenarios
+def snapshot(rig: Rig, rng: random.Random, models: list[DiskModel], i: int) -> None:
+    """A snapshot (completed clone) of one of ``models``, added to them: writes to either
+    side now copy-on-write over chunks that hold data, and both sides must keep their own
+    data."""
+    src = rng.choice(models)
+    snap = f"SNAP{i}"
+    expect = rig.clone_model(snap, src)
+    rig.ctl(f"{src.name} {snap}")
+    assert rig.wait_clone(src.name, snap) == "Completed"
+    rig.models[snap] = expect
+    models.append(expect)
+
+
 def scenario_sequential(make, seed: int, cuts: int) -> str:
     """1. Sequential writes to two VDisks, interleaved fsyncs/fdatasyncs (default chunk
     size); cuts at a random moment or inside a commit (CUT_MODES in turn)."""
@@ -160,15 +173,7 @@ def scenario_random(make, seed: int, cuts: int) -> str:
     stats, outcomes = Counter(), Counter()
     for i in range(cuts):
         if i % 2 == 1:
-            # A snapshot (completed clone): writes to either side now copy-on-write
-            # over chunks that hold data, and both sides must keep their own data.
-            src = rng.choice(models)
-            snap = f"SNAP{i}"
-            expect = rig.clone_model(snap, src)
-            rig.ctl(f"{src.name} {snap}")
-            assert rig.wait_clone(src.name, snap) == "Completed"
-            rig.models[snap] = expect
-            models.append(expect)
+            snapshot(rig, rng, models, i)
         plan = random_plan(models, cs, p_dsync=0.1, p_zero=0.03)
         w = cut_during(rig, plan, rng, rng.uniform(0.2, 2.0), CUT_MODES[i % 3], outcomes)
         stats.update(w.stats)
@@ -518,6 +523,38 @@ def scenario_inplace(make, seed: int, cuts: int) -> str:
 
 
 SCENARIOS["inplace"] = scenario_inplace
+
+
+def scenario_punch(make, seed: int, cuts: int) -> str:
+    """8. Punches and zero ranges (fallocate modes 3 and 17: what a loop device's discard
+    and write-zeroes send) interleaved with writes, fsyncs and fdatasyncs on two VDisks,
+    and every other cycle a snapshot (completed clone), so that punches drop shared pages
+    and chunks: an acknowledged punch must read zeros after the cut, an unacknowledged
+    one old data or zeros, never another VDisk's bytes."""
+    rng = random.Random(seed)
+    cs = 64 * KiB
+    rig = make(f"punch-{seed}", cs)
+    models = [rig.new_vdisk("PNCA", 16 * MiB), rig.new_vdisk("PNCB", 8 * MiB)]
+    for m in models:
+        fill(rig, m, rng, per_span=cs, span=cs, extent=(cs, cs))
+    stats, outcomes = Counter(), Counter()
+    for i in range(cuts):
+        if i % 2 == 1:
+            snapshot(rig, rng, models, i)
+        plan = random_plan(models, cs, p_dsync=0.05, p_punch=0.25, p_writeback=0.05)
+        w = cut_during(rig, plan, rng, rng.uniform(0.2, 2.0), CUT_MODES[i % 3], outcomes)
+        stats.update(w.stats)
+        crash_and_recover(rig)
+        tally(outcomes, rig.verify(f"seed {seed} cut {i}"))
+    rig.finish()
+    return summary("punch", rig, seed, stats, outcomes)
+
+
+SCENARIOS["punch"] = scenario_punch
+
+
+def test_punches_and_discards_with_writes(rigs):
+    scenario_punch(rigs, BASE_SEED + 8, CUTS["punch"])
 
 
 def test_in_place_overwrites_with_checksums(rigs):

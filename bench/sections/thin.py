@@ -16,7 +16,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
-from bench.common import GiB, MiB, log, run, syncfs, timed_run
+from bench.common import GiB, MiB, fsync_path as _fsync, log, run, syncfs, timed_run
 from bench.mounts import loop_mount
 
 if TYPE_CHECKING:
@@ -27,14 +27,6 @@ TARGETS = ("native", "vdiskfs")
 
 def _allocated(path: str) -> int:
     return os.stat(path).st_blocks * 512
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _new_image(path: str, size: int) -> None:

@@ -118,6 +118,15 @@ def wait_until(pred, what: str, timeout: float = 30.0, interval: float = 0.05):
         time.sleep(interval)
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file by path (on a VDisk: commits the whole pool)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def allocated(path: str) -> int:
     """The VDisk's user.vdisk.allocated (bytes of chunks it maps)."""
     return int(os.getxattr(path, "user.vdisk.allocated"))

@@ -56,6 +56,19 @@ def slot(pool: Pool, vd, cidx: int) -> int:
     return pool.meta.slot_of(vd, cidx)
 
 
+def seek_model(chunks: list[bool], size: int, off: int, whence: int, cs: int) -> int | None:
+    """What lseek SEEK_DATA (3) / SEEK_HOLE (4) from ``off`` answers at chunk granularity,
+    given which chunks (of ``cs`` bytes) hold data; None for ENXIO."""
+    if not 0 <= off < size:
+        return None
+    c = off // cs
+    while c * cs < size and chunks[c] != (whence == 3):
+        c += 1
+    if whence == 4:
+        return min(max(off, c * cs), size)
+    return max(off, c * cs) if c * cs < size else None
+
+
 def read_all(pool: Pool, vd) -> bytes:
     return bytes(pool.read(vd, 0, vd.size + 3 * CS))
 

@@ -77,6 +77,8 @@ FS_IOC_SHUTDOWN = 0x8004587D
 FS_GOING_FLAGS_NOLOGFLUSH = 2
 
 SECTOR = 512
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 MAGIC = b"PLw1"
 HEADER = struct.Struct("<4sIQQ")      # magic, VDisk tag, write seq, byte offset in VDisk
 IMAGE_SIZE = 1 << 30                  # sparse backing image
@@ -848,6 +850,20 @@ class Writer(threading.Thread):
                 self.rig.log("dsync write returned after the cut: not counted", model.name,
                              seq)
 
+    def punch(self, model: DiskModel, off: int, length: int, *, mode: int = 3) -> None:
+        """fallocate PUNCH_HOLE|KEEP_SIZE (3: discard, fstrim) or ZERO_RANGE|KEEP_SIZE
+        (17: write zeroes) of the range: for the model a write of zeros, durable once a
+        later sync covers it."""
+        self.check()
+        seq = self.rig.next_seq()
+        model.record(seq, off, bytes(length))
+        self.rig.log(f"fallocate mode {mode}", model.name, seq, off, length)
+        if _libc.fallocate(self._fd(model, False), mode, off, length) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"fallocate of {model.name}: {os.strerror(e)}")
+        self.stats["punch" if mode == 3 else "zero range"] += 1
+        self.stats["bytes punched"] += length
+
     def sync(self, model: DiskModel, datasync: bool = False) -> None:
         self.check()
         covered = list(model.unacked)
@@ -932,17 +948,26 @@ def random_extent(rng: random.Random, size: int, cs: int) -> tuple[int, int]:
 def random_plan(models: list[DiskModel], cs: int, *, p_dsync: float = 0.1,
                 p_zero: float = 0.0, p_fsync: float = 0.08, p_fdatasync: float = 0.08,
                 p_flush: float = 0.04, p_pause: float = 0.0, p_writeback: float = 0.03,
+                p_punch: float = 0.0,
                 hot: dict[str, tuple[int, int, float]] | None = None):
     """Random writes (various sizes, straddling chunk boundaries), some O_DSYNC, some whole
-    zero chunks (freed by zero detection), interleaved with fsync, fdatasync and flushes.
-    ``hot``: VDisk name -> (lo, hi, p): with probability p a write to it stays in [lo, hi)."""
+    zero chunks (freed by zero detection), some punches and zero ranges (fallocate, as a
+    loop device's discard and write-zeroes send them), interleaved with fsync, fdatasync
+    and flushes. ``hot``: VDisk name -> (lo, hi, p): with probability p a write to it
+    stays in [lo, hi)."""
     hot = hot or {}
 
     def plan(w: Writer, rng: random.Random) -> None:
         while True:
             m = rng.choice(models)
             region = hot.get(m.name)
-            if rng.random() < p_zero and m.size >= cs:
+            if rng.random() < p_punch:
+                off, n = random_extent(rng, m.size, cs)
+                if rng.random() < 0.3:                  # a discard of many chunks
+                    off = aligned(rng, 0, m.size // 2)
+                    n = aligned(rng, SECTOR, m.size - off)
+                w.punch(m, off, n, mode=3 if rng.random() < 0.75 else 17)
+            elif rng.random() < p_zero and m.size >= cs:
                 k = rng.randint(1, min(3, m.size // cs))
                 c = rng.randrange(m.size // cs - k + 1)
                 w.write(m, c * cs, k * cs, zero=True)
