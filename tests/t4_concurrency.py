@@ -28,7 +28,8 @@ import time
 
 import pytest
 
-from support.common import Mount, daemon_log, fsck_clean
+from support.common import (FALLOC_PUNCH, FALLOC_ZERO_KEEP, Mount, daemon_log, fallocate,
+                            fsck_clean)
 
 pytestmark = pytest.mark.mount
 
@@ -149,7 +150,7 @@ class Stress:
         self.open_clones = [0] * WRITERS       # started, not yet settled by the janitor
         self.settled: dict[str, str] = {}      # clone -> final state seen by the janitor
         self.kept: set[str] = set()            # Completed clones left for the final check
-        self.stats = {"writes": 0, "fsyncs": 0, "truncates": 0, "clones": 0,
+        self.stats = {"writes": 0, "fsyncs": 0, "punches": 0, "truncates": 0, "clones": 0,
                       "cancel_ok": 0, "cancel_enoent": 0, "verified": 0, "deleted": 0,
                       "ebusy_seen": 0, "reads": 0}
 
@@ -203,8 +204,15 @@ class Stress:
                     model.write(off, data)
                     self.count("writes")
                 elif r < 0.85:
-                    os.fsync(fd)
-                    self.count("fsyncs")
+                    if rnd.random() < 0.4:         # a discard or write-zeroes, as from a guest
+                        off = rnd.randrange(0, model.size)
+                        n = rnd.choice([4096, BS, 3 * BS + 512, rnd.randrange(1, 8 * MiB)])
+                        fallocate(fd, rnd.choice([FALLOC_PUNCH, FALLOC_ZERO_KEEP]), off, n)
+                        model.write(off, bytes(min(n, model.size - off)))  # KEEP_SIZE
+                        self.count("punches")
+                    else:
+                        os.fsync(fd)
+                        self.count("fsyncs")
                 elif r < 0.88:
                     size = rnd.randrange(VDISK_SIZE - 10 * MiB, VDISK_SIZE + 1)
                     os.ftruncate(fd, size)
@@ -361,7 +369,7 @@ def test_writers_and_clones(new_mount):
     assert not [r for r in rows if r[2] == "Error"], rows
     completed = [d for d, st in s.settled.items() if st == "Completed"]
     assert completed, f"no clone completed: {s.stats}"
-    assert s.stats["writes"] > 100, s.stats
+    assert s.stats["writes"] > 100 and s.stats["punches"] > 5, s.stats
 
     s.verify_all("after the run")
     assert ctl_command(m, "purge") == 0

@@ -4,7 +4,6 @@ mkfs.ext4), fallocate punch/zero range against a model with clones, SEEK_DATA/SE
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import os
@@ -13,8 +12,8 @@ import random
 import pytest
 
 from support.clones import ctl_path, follow
-from support.common import (allocated, fsync_path, read_file, run, sha256_file, vdiskfs,
-                            write_file)
+from support.common import (allocated, fallocate, fsync_path, read_file, run, sha256_file,
+                            vdiskfs, write_file)
 from support.engine import seek_model
 
 pytestmark = pytest.mark.mount
@@ -24,16 +23,6 @@ GiB = 1 << 30
 CS = 64 << 10                       # the chunk size of these tests' pools
 PUNCH, ZERO, KEEP = 0x02, 0x10, 0x01
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def fallocate(fd: int, mode: int, off: int, n: int) -> None:
-    if _libc.fallocate(fd, mode, off, n) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"fallocate(mode={mode:#x}, {off}, {n}): {os.strerror(e)}")
-
 
 def data_file_bytes(pool: str) -> int:
     return os.stat(os.path.join(pool, "data")).st_blocks * 512

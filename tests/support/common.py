@@ -7,6 +7,7 @@ The fixtures that hand these out (and clean up after them) are in ../conftest.py
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import signal
@@ -116,6 +117,19 @@ def wait_until(pred, what: str, timeout: float = 30.0, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_PUNCH = 0x03          # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: a discard
+FALLOC_ZERO_KEEP = 0x11      # FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: write-zeroes
+
+
+def fallocate(fd: int, mode: int, off: int, n: int) -> None:
+    """fallocate(2) (Python has only posix_fallocate, mode 0)."""
+    if _libc.fallocate(fd, mode, off, n) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"fallocate(mode={mode:#x}, {off}, {n}): {os.strerror(e)}")
 
 
 def fsync_path(path: str) -> None:

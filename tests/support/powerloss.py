@@ -66,7 +66,7 @@ from array import array
 from collections import Counter, deque
 from typing import Callable, Iterable
 
-from support.common import Mount, fsck_clean, is_mounted, loop_devices_of, run
+from support.common import Mount, fallocate, fsck_clean, is_mounted, loop_devices_of, run
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -77,8 +77,6 @@ FS_IOC_SHUTDOWN = 0x8004587D
 FS_GOING_FLAGS_NOLOGFLUSH = 2
 
 SECTOR = 512
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 MAGIC = b"PLw1"
 HEADER = struct.Struct("<4sIQQ")      # magic, VDisk tag, write seq, byte offset in VDisk
 IMAGE_SIZE = 1 << 30                  # sparse backing image
@@ -858,9 +856,7 @@ class Writer(threading.Thread):
         seq = self.rig.next_seq()
         model.record(seq, off, bytes(length))
         self.rig.log(f"fallocate mode {mode}", model.name, seq, off, length)
-        if _libc.fallocate(self._fd(model, False), mode, off, length) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"fallocate of {model.name}: {os.strerror(e)}")
+        fallocate(self._fd(model, False), mode, off, length)
         self.stats["punch" if mode == 3 else "zero range"] += 1
         self.stats["bytes punched"] += length
 
