@@ -304,6 +304,29 @@ def test_seek_sees_dirty_pages_not_yet_written_back(m):
         os.close(fd)
 
 
+def test_seek_hole_writes_back_each_hole_it_would_report(m):
+    """Dirty pages fill the first hole, and the next one in part: each hole SEEK_HOLE
+    would answer is written back before it is answered, so it lands past both."""
+    path = m.path("H")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"\1" * CS, 0)
+        os.pwrite(fd, b"\3" * CS, 3 * CS)
+        os.ftruncate(fd, 16 * CS)
+        os.fsync(fd)
+        os.pwrite(fd, b"\2" * 2 * CS, CS)                # chunks 1-2, dirty
+        os.pwrite(fd, b"\4" * 100, 4 * CS + 7)           # part of chunk 4, dirty
+        assert os.lseek(fd, 0, SEEK_HOLE) == 5 * CS
+        os.pwrite(fd, b"\5", 9 * CS)                     # dirty, in a hole
+        assert os.lseek(fd, 5 * CS, SEEK_DATA) == 9 * CS
+        assert os.lseek(fd, 9 * CS, SEEK_HOLE) == 10 * CS
+        os.pwrite(fd, b"\6", 20 * CS)                    # dirty, past the end
+        assert os.lseek(fd, 17 * CS, SEEK_DATA) == 20 * CS
+        assert os.lseek(fd, 20 * CS, SEEK_HOLE) == 20 * CS + 1
+    finally:
+        os.close(fd)
+
+
 def test_cp_sparse_copies_only_the_data(m, tmp_path):
     path = m.path("S")
     with open(path, "wb") as f:

@@ -599,6 +599,24 @@ class Pool:
             return max(off, c * cs)
         return min(max(off, self.meta.next_hole(vd, off // cs) * cs), vd.size)
 
+    def seek_window(self, vd: VDisk, off: int, whence: int) -> tuple[int, int | None]:
+        """The range [lo, hi) (hi None: to the end) where data the engine does not have yet
+        (a page cache's dirty pages) would change what ``seek`` answers: the holes before
+        the data SEEK_DATA finds, the hole SEEK_HOLE finds, all past the end. A writer
+        that writes that range back first makes the answer exact; data already mapped
+        cannot turn into a hole by being written."""
+        cs = self.chunk_size
+        if off >= vd.size:
+            return vd.size, None
+        if whence == SEEK_DATA:
+            c = self.meta.next_mapped(vd, off // cs)
+            return (off, None) if c is None or c * cs >= vd.size else (off, max(off, c * cs))
+        hole = self.meta.next_hole(vd, off // cs) * cs
+        if hole >= vd.size:
+            return vd.size, None
+        c = self.meta.next_mapped(vd, hole // cs)
+        return max(off, hole), (None if c is None or c * cs >= vd.size else c * cs)
+
     # ------------------------------------------------------------ figures
     def usage(self, vd: VDisk) -> dict:
         allocated, unique = self.meta.usage(vd)

@@ -146,7 +146,9 @@ def install(ops: Any) -> ExtraOps | None:
             raise Unsupported(f"Operations has no {', '.join(missing)}()")
         fuse = session.libfuse()
         extra = ExtraOps(ops, fuse.fuse_reply_err, fuse.fuse_reply_lseek)
-        Session().add_ops(extra.pointers())
+        live = Session()
+        live.add_ops(extra.pointers())
+        ops.invalidate_range = live.invalidate_range     # lseek's ranged write-back
     except Exception as e:
         if not isinstance(e, Unsupported):
             log.exception("installing fallocate/lseek")

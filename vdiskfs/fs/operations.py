@@ -43,6 +43,7 @@ CTL_READABLE = (b"status", b"jobs", b"scrub")   # a snapshot made at open
 CTL_INODES = {ino: (name, mode) for name, (ino, mode) in CTL_FILES.items()}
 SETID = stat.S_ISUID | stat.S_ISGID   # never on a VDisk (see fs/killpriv.py)
 ENTRY_TIMEOUT = 1.0
+SEEK_WRITEBACK_ROUNDS = 8  # then the whole VDisk is written back (lseek)
 RELEASE_GRACE = 1.0     # seconds an unlink waits for the release of a just-closed VDisk
 ATTR_TIMEOUT = 1.0
 
@@ -91,6 +92,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.lookups: dict[int, int] = {}   # vid -> kernel lookup count
+        self.invalidate_range: Callable[[int, int, int], None] | None = None
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -166,11 +168,17 @@ class Operations(pyfuse3.Operations):
         if vd is not None:
             await self._writeback(vd)
 
-    async def _writeback(self, vd: VDisk) -> None:
+    async def _writeback(self, vd: VDisk, off: int = 0, length: int = 0) -> None:
         """Make the kernel write back its dirty pages of a VDisk (writeback cache) and drop
-        its cached ones. Blocks on writes this loop must serve, hence the worker thread."""
+        its cached ones, in [off, off + length) (0: to the end; a range needs
+        fs/extra_ops.py's ``invalidate_range``, else the whole file). Blocks on writes
+        this loop must serve, hence the worker thread."""
+        ino = vd.vid + VDISK_BASE
         try:
-            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, vd.vid + VDISK_BASE, False)
+            if self.invalidate_range is not None:
+                await trio.to_thread.run_sync(self.invalidate_range, ino, off, length)
+            else:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
         except OSError as e:   # ENOENT: the kernel has no cache of it
             log.debug("invalidate_inode(%s): %s", vd.name, e)
 
@@ -510,5 +518,18 @@ class Operations(pyfuse3.Operations):
         if inode < VDISK_BASE:
             raise FUSEError(errno.EINVAL)
         vd = self.vdisk(inode)
-        await self._writeback(vd)
+        # Only the range whose dirty pages could change the answer is written back (its
+        # cached pages are holes' zeros), so a copy by SEEK_DATA keeps the data it reads
+        # in the cache. Writing a hole back can fill it and move SEEK_HOLE's answer on
+        # to the next hole: then that one is written back in turn.
+        done: list[tuple[int, int | None]] = []
+        for _ in range(SEEK_WRITEBACK_ROUNDS):
+            lo, hi = self.pool.seek_window(vd, off, whence)
+            if lo == hi or any(a <= lo and (b is None or (hi is not None and hi <= b))
+                               for a, b in done):
+                break
+            await self._writeback(vd, lo, 0 if hi is None else hi - lo)
+            done.append((lo, hi))
+        else:
+            await self._writeback(vd)
         return self.pool.seek(vd, off, whence)

@@ -13,6 +13,7 @@ copy against pyfuse3's own table, the slots to fill being empty) and raises
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import os
 import struct
@@ -81,6 +82,9 @@ def libfuse() -> ctypes.CDLL:
     fuse.fuse_reply_err.restype = ctypes.c_int
     fuse.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     fuse.fuse_reply_lseek.restype = ctypes.c_int
+    fuse.fuse_lowlevel_notify_inval_inode.argtypes = [ctypes.c_void_p, ctypes.c_uint64,
+                                                      ctypes.c_int64, ctypes.c_int64]
+    fuse.fuse_lowlevel_notify_inval_inode.restype = ctypes.c_int
     return fuse
 
 
@@ -203,6 +207,16 @@ class Session:
     def clear_io(self) -> None:
         """Back to libfuse's own read/writev (se->io = NULL)."""
         ctypes.c_void_p.from_address(self.se + IO_OFFSET).value = None
+
+    def invalidate_range(self, ino: int, off: int, length: int) -> None:
+        """Make the kernel write back its dirty pages of ``ino`` in [off, off + length)
+        (length 0: to the end) and drop its cached ones there: pyfuse3.invalidate_inode
+        with a range, which pyfuse3 does not offer. Blocks until done, on requests this
+        session must serve: call it from a worker thread (ctypes releases the GIL)."""
+        rc = self.fuse.fuse_lowlevel_notify_inval_inode(self.se, ino, off, length)
+        if rc not in (0, -errno.ENOENT):       # ENOENT: the kernel has no such inode
+            raise OSError(-rc, f"notify_inval_inode({ino}, {off}, {length}): "
+                               f"{os.strerror(-rc)}")
 
     # se->op, for fs/extra_ops.py
     def add_ops(self, ops: dict[str, int]) -> None:
