@@ -389,6 +389,31 @@ def test_no_subdirectories_or_links(mount):
 
 
 # ================================================================ sizes and space
+def test_open_with_o_trunc_empties_an_existing_vdisk(mount):
+    """``echo hi > FOO`` over a VDisk: the kernel (atomic O_TRUNC) sends no truncate of
+    its own, so the daemon must empty it at open, or the old bytes come back past the
+    new end (after a remount, in a clone, in the holes of a sparse copy onto it)."""
+    foo = mount.path("FOO")
+    write_file(foo, random.Random(2).randbytes(MiB))
+    with open(foo, "w") as f:                       # O_WRONLY | O_CREAT | O_TRUNC
+        f.write("hi\n")
+    assert os.stat(foo).st_size == 3 and read_file(foo) == b"hi\n"
+    sync_pool(mount)
+    assert allocated(foo) <= chunk_size_of(foo)
+    fd = os.open(foo, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 3
+    finally:
+        os.close(fd)
+    with open(foo, "rb") as f:                      # O_RDONLY | O_TRUNC: left alone
+        pass
+    fd = os.open(foo, os.O_RDONLY | os.O_TRUNC)
+    os.close(fd)
+    mount.stop()
+    mount.start()
+    assert read_file(foo) == b"hi\n"
+
+
 def test_truncate_grow_and_shrink(mount):
     foo = mount.path("FOO")
     data = random.Random(1).randbytes(700 * KiB)

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 FSTYPE = "vdiskfs"          # /proc/mounts shows "POOL MNT fuse.vdiskfs ..."
 READ_AHEAD_KB = 1024        # the kernel's default 128 KiB halves sequential reads
+# The kernel sends RELEASE in the background after close(2), behind the writeback of the
+# file's dirty pages: a signal right after a writer closed must not take it for a user.
+SIGNAL_GRACE = 5.0
 
 
 def mount_options(pool: Pool, allow_other: bool = False) -> set[str]:
@@ -107,8 +110,7 @@ class Daemon:
                     await self._detach()
                     return
                 asked = True
-                busy = sorted(vd.name or str(vd.vid) for vid in self.pool.open_count
-                              if (vd := self.pool.get(vid)) is not None)
+                busy = await self._in_use(SIGNAL_GRACE)
                 if busy:
                     log.warning("signal %s: not unmounting, VDisks in use: %s (a second "
                                 "signal detaches them)", name, ", ".join(busy))
@@ -116,6 +118,14 @@ class Daemon:
                 log.info("signal %s: unmounting", name)
                 if await self._unmount_while_serving():
                     return
+
+    async def _in_use(self, grace: float) -> list[str]:
+        """The VDisks still open once ``grace`` seconds passed (or none is open)."""
+        deadline = trio.current_time() + grace
+        while self.pool.open_count and trio.current_time() < deadline:
+            await trio.sleep(0.02)
+        return sorted(vd.name or str(vd.vid) for vid in self.pool.open_count
+                      if (vd := self.pool.get(vid)) is not None)
 
     async def _unmount_while_serving(self) -> bool:
         # A plain unmount makes the kernel write back its dirty pages (the writeback cache)

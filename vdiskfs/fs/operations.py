@@ -387,6 +387,10 @@ class Operations(pyfuse3.Operations):
         vd = self.vdisk(inode)
         if self.pool.clones.unfinished(vd) or self.jobs.settling(vd.vid):
             raise FUSEError(errno.EBUSY)   # no client may attach a half-made clone
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            # libfuse asks for atomic O_TRUNC: the kernel sends no SETATTR for it, has
+            # already emptied its cache and takes the size as 0: the truncate is ours.
+            self.pool.truncate(vd, 0)
         return self._open_handle(vd)
 
     def _open_ctl(self, inode: int, flags: int) -> pyfuse3.FileInfo:
