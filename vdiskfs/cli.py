@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true",
                    help="let other users reach the mount (file modes still apply; "
                         "see docs/RELIABILITY.md)")
-    m.add_argument("--debug", action="store_true", help="log at DEBUG level (the daemon's log: POOL/daemon.log)")
+    m.add_argument("--debug", action="store_true",
+                   help="log at DEBUG level (the daemon's log: POOL/daemon.log)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     # Breaks fsync on purpose (no fdatasync of chunk data): only for the test that proves
     # the power-loss test can fail. See docs/RELIABILITY.md.
