@@ -978,7 +978,8 @@ def test_a_crash_at_every_step_of_a_new_generation(path, monkeypatch, stop):
 # ---------------------------------------------------------------------------- checkpoints
 def _meta_snapshot(m: Metadata) -> dict:
     return {
-        "vdisks": {vid: (vd.name, vd.size, dict(vd.props), sorted(vd.ptab.items()), vd.npages, vd.nalloc)
+        "vdisks": {vid: (vd.name, vd.size, dict(vd.props), sorted(vd.ptab.items()), vd.npages,
+                         vd.nalloc)
                    for vid, vd in m.vdisks.items()},
         "names": dict(m.names),
         "pages": {pid: list(pg) for pid, pg in m.pages.items()},
