@@ -495,7 +495,7 @@ class Pool:
                 self._grow(vd, size)
                 return
             if vd.vid in self.clones.sources:
-                    self.clones.guard(vd, size // span, vd.npages, holes=False)
+                self.clones.guard(vd, size // span, vd.npages, holes=False)
             txn.apply_all(self.data.unmap(vd, self.meta.chunks_for(size), vd.npages * pe))
             txn.apply(["vsize", vd.vid, size])
             txn.apply_all(self.data.zero_tail(vd))  # frees the last chunk if only zeros remain
