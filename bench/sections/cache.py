@@ -56,5 +56,7 @@ def _measure(s: Suite) -> None:
                "hits only where the target keeps the page cache across opens")
     s.res.note("cache_randread_miss", f"{msize // MiB} MiB file, caches dropped first, fio "
                f"psync with its random map (no block read twice), --invalidate=1, "
-               f"--fadvise_hint=random (no read-ahead), {rt} s: every read a miss; one run "
-               f"touched at most {max(touched, default=0):.0%} of the file")
+               f"--fadvise_hint=random (no read-ahead), {rt} s: every read a miss of the "
+               f"target's page cache (what the target does below it, e.g. read-ahead in its "
+               f"backing file, is part of the figure); one run touched at most "
+               f"{max(touched, default=0):.0%} of the file")

@@ -158,4 +158,6 @@ def measure(s: Suite) -> None:
                    f"the checkpoint the daemon ran because the journal was past "
                    f"{CHECKPOINT_JOURNAL_BYTES // MiB} MiB (grown by renames before the "
                    f"mount, triggered by an fsync); no-ckpt: {PRE_S + c.lat_seconds:.0f} s of "
-                   "the same writer on the same pool without a checkpoint")
+                   "the same writer on the same pool without a checkpoint; a write "
+                   "that blocks for the whole checkpoint leaves few samples in the window "
+                   "(info.lat_ckpt.writes_during), so p99 is then close to the max")
