@@ -41,6 +41,9 @@ class Config:
     big_mapped: int = 4 * GiB
     writer_seconds: float = 5.0
     chunk_size: int | None = None      # None: the pool default
+    qd_bytes: int = 1 * GiB            # the qd and cache sections' file (4 files in qdjobs)
+    lat_seconds: float = 3.0           # lat: writer seconds before/after the checkpoint
+    busy: bool = False                 # --busy: a CPU hog during the 4K rows
     notes: list = field(default_factory=list)
 
     @classmethod
@@ -53,7 +56,8 @@ class Config:
             c.ext4_big, c.ext4_small = (25, 4 * MiB), (500, 4 * KiB)
             c.fresh_bytes = 512 * MiB
             c.writer_seconds = 3.0
-            c.notes.append("quick: 1 rep, 256 MiB sequential, 3 s fio runs, ext4 with "
+            c.notes.append("quick: 1 rep, 256 MiB sequential, 3 s fio runs (qd, cache: "
+                           "1 GiB files as in the full run), ext4 with "
                            "25 x 4 MiB + 500 x 4 KiB files, 512 MiB fresh-clone VDisk, "
                            "3 s writer; clone and mount sizes as in the full run")
         if reps:
@@ -73,6 +77,26 @@ FIGURES = {
     "fio_randread_direct": ("fio", "4K randread O_DIRECT", "IOPS", True),
     "fio_randwrite_buffered": ("fio", "4K randwrite buffered", "IOPS", True),
     "fio_randread_buffered": ("fio", "4K randread buffered", "IOPS", True),
+    "qd_randread_d1": ("qd", "4K randread O_DIRECT libaio qd1", "IOPS", True),
+    "qd_randread_d4": ("qd", "4K randread O_DIRECT libaio qd4", "IOPS", True),
+    "qd_randread_d16": ("qd", "4K randread O_DIRECT libaio qd16", "IOPS", True),
+    "qd_scaling_randread": ("qd", "4K randread scaling qd16/qd1", "x", True),
+    "qd_randwrite_d1": ("qd", "4K randwrite O_DIRECT libaio qd1", "IOPS", True),
+    "qd_randwrite_d4": ("qd", "4K randwrite O_DIRECT libaio qd4", "IOPS", True),
+    "qd_randwrite_d16": ("qd", "4K randwrite O_DIRECT libaio qd16", "IOPS", True),
+    "qd_scaling_randwrite": ("qd", "4K randwrite scaling qd16/qd1", "x", True),
+    "qdext4_randread_d1": ("qd", "ext4/loop-dio: 4K randread O_DIRECT libaio qd1", "IOPS", True),
+    "qdext4_randread_d4": ("qd", "ext4/loop-dio: 4K randread O_DIRECT libaio qd4", "IOPS", True),
+    "qdext4_randread_d16": ("qd", "ext4/loop-dio: 4K randread O_DIRECT libaio qd16", "IOPS", True),
+    "qdext4_scaling_randread": ("qd", "ext4/loop-dio: 4K randread scaling qd16/qd1", "x", True),
+    "qdext4_randwrite_d1": ("qd", "ext4/loop-dio: 4K randwrite O_DIRECT libaio qd1", "IOPS", True),
+    "qdext4_randwrite_d4": ("qd", "ext4/loop-dio: 4K randwrite O_DIRECT libaio qd4", "IOPS", True),
+    "qdext4_randwrite_d16": ("qd", "ext4/loop-dio: 4K randwrite O_DIRECT libaio qd16", "IOPS", True),
+    "qdext4_scaling_randwrite": ("qd", "ext4/loop-dio: 4K randwrite scaling qd16/qd1", "x", True),
+    "qdjobs_randread": ("qd", "4 jobs x 4 VDisks: 4K randread qd4 each", "IOPS", True),
+    "qdjobs_randwrite": ("qd", "4 jobs x 4 VDisks: 4K randwrite qd4 each", "IOPS", True),
+    "cache_randread_warm": ("cache", "4K randread buffered, warm", "IOPS", True),
+    "cache_randread_miss": ("cache", "4K randread buffered, cold misses", "IOPS", True),
     "ext4_mkfs": ("ext4", "ext4 mkfs (eager init)", "s", False),
     "ext4_write": ("ext4", "ext4 write files + syncfs", "s", False),
     "ext4_read": ("ext4", "ext4 cold read back", "s", False),
@@ -105,6 +129,11 @@ FIGURES = {
     "mount_rss_used": ("mount", "daemon RSS after ls -l, status, reads", "MiB", False),
     "mount_meta": ("mount", "metadata on disk (checkpoint+journal)", "MiB", False),
     "umount_time": ("mount", "umount (checkpoint) time", "s", False),
+    "lat_ckpt_max": ("lat", "4K O_DIRECT write max, journal checkpoint", "ms", False),
+    "lat_ckpt_p99": ("lat", "4K O_DIRECT write p99, journal checkpoint", "ms", False),
+    "lat_ckpt_time": ("lat", "journal-size checkpoint (fsync) time", "s", False),
+    "lat_umount_max": ("lat", "4K O_DIRECT write max, umount checkpoint", "ms", False),
+    "lat_umount_p99": ("lat", "4K O_DIRECT write p99, umount checkpoint", "ms", False),
     "writer": ("writer", "O_DIRECT writer while cloning", "MiB/s", True),
     "writer_clones": ("writer", "clones done while writing", "n", True),
     "scrub": ("scrub", "scrub, cold (vs cat through the mount)", "MiB/s", True),
@@ -152,7 +181,7 @@ class Results:
             figs[fid] = {"section": section, "label": label, "unit": unit,
                          "higher_is_better": higher, "values": vals,
                          "notes": self.notes.get(fid, [])}
-        return {"figures": figs, "checks": evaluate_checks(figs),
+        return {"figures": figs, "checks": evaluate_checks(figs, bool(self.info.get("busy"))),
                 "errors": self.errors, "section_seconds": self.section_seconds,
                 "info": self.info}
 
@@ -204,6 +233,19 @@ def tool_version(cmd: list[str]) -> str | None:
 
 def loadavg() -> list[float]:
     return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+
+
+@contextlib.contextmanager
+def cpu_hog(res: "Results"):
+    """A plain CPU hog (a Python busy loop, one core) that we start and kill by its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    res.info.setdefault("busy_hog_pids", []).append(proc.pid)
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ============================================================== syncing and caches

@@ -202,13 +202,26 @@ def bindfs_mount(src: str, mnt: str, logfile: str):
 
 # ============================================================== loop devices
 @contextlib.contextmanager
-def loop_device(image: str):
-    dev = run(["losetup", "-f", "--show", image]).stdout.strip()
+def loop_device(image: str, direct_io: bool = False):
+    """A loop device on ``image``; with ``direct_io`` attached with --direct-io=on (what
+    a VM manager does; losetup falls back to buffered if the backing file refuses it:
+    loop_dio() says what it got)."""
+    cmd = ["losetup", "-f", "--show"] + (["--direct-io=on"] if direct_io else [])
+    dev = run(cmd + [image]).stdout.strip().splitlines()[-1].strip()
     try:
         yield dev
     finally:
         if not retry(["losetup", "-d", dev]):
             log(f"warning: could not detach {dev}")
+
+
+def loop_dio(dev: str) -> bool | None:
+    """Whether loop device ``dev`` does direct I/O to its backing file."""
+    try:
+        with open(f"/sys/block/{os.path.basename(dev)}/loop/dio") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,14 @@ Sections (``--only`` takes these names):
           (quick: 3 s) on a 256 MiB file of random data, caches dropped before each run;
           write IOPS count an fsync of the file after fio (the cost of writing back);
           a target refusing O_DIRECT is recorded as n/a
+  qd      fio 4 KiB randread/randwrite, O_DIRECT, libaio, iodepth 1, 4 and 16, cold, on
+          a 1 GiB file of random data: the four file targets, and the scaling qd16/qd1
+          per target (target: vdiskfs >= half of native's, reads); the same through ext4
+          on a loop device attached with --direct-io=on on an image on each target; 4
+          fio jobs at once on 4 files (vdiskfs: 4 VDisks), iodepth 4 each
+  cache   buffered 4 KiB random reads, psync: warm (after a full read, --norandommap
+          --invalidate=0) and cold misses (caches dropped, random map, --invalidate=1,
+          fadvise RANDOM, 1 GiB file: no read twice, no read-ahead)
   ext4    ext4 on a loop device on a 1 GiB image file (mkfs.ext4 with eager init): write
           50 x 4 MiB + 1000 x 4 KiB files + syncfs, drop caches, read them all back
   fresh   vdiskfs only: the same on a freshly cloned VDisk (its first writes copy on
@@ -31,12 +39,20 @@ Sections (``--only`` takes these names):
           cp --sparse=always, qemu-img create -f qcow2 -b SRC -F raw
   mount   mount time, daemon RSS (VmRSS of the pid in POOL/lock) and metadata size of a
           pool of 16 VDisks x 64 GiB (1 TiB of address space) with 4 GiB mapped each
+  lat     max and p99 of 4 KiB O_DIRECT write latencies while the daemon runs a
+          journal-size checkpoint of the mount section's pool (journal grown past 64 MiB
+          by renames before the mount), against the same writer without a checkpoint;
+          the umount case is n/a (umount refuses while a VDisk is open)
   writer  a concurrent writer (1 MiB O_DIRECT writes to another VDisk) while clones of a
           64 GiB-mapped VDisk run back to back, against the writer alone
   scrub   vdiskfs scrub of 1 GiB (quick: 256 MiB) against cat of it, cold
   thin    fstrim of a deleted 4 GiB file (quick: 1 GiB) in an ext4 guest (time, space
           given back), mkfs.ext4 of 100 GiB (time, space held), cp --sparse=auto of a
           64 GiB image holding 256 MiB and 1 GiB; against an image on the native fs
+
+--busy keeps one core loaded with a plain CPU hog (python -c 'while True: pass', killed
+by its pid afterwards) during the 4K rows (sections fio, qd, cache); the JSON records it
+(info.busy) and the 4K rows' target becomes vdiskfs >= 0.9x pyfloor.
 
 Each figure is measured --reps times (3; --quick: 1) interleaving the targets; the table
 shows the median with min-max, and speed ratios (> 1: vdiskfs is faster) against the
@@ -112,6 +128,8 @@ def main() -> int:
     ap.add_argument("--chunk-size", default=None, metavar="SIZE",
                     help="chunk size of the pools the run creates (e.g. 64K; default: "
                          "vdiskfs's default)")
+    ap.add_argument("--busy", action="store_true",
+                    help="a CPU hog on one core during the 4K rows (fio, qd, cache)")
     ap.add_argument("--dir", default="/var/tmp", help="where the work directory goes")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/<time>.json)")
     ap.add_argument("--compare", default=None, metavar="OLD.json",
@@ -150,7 +168,11 @@ def main() -> int:
     if args.chunk_size:
         from vdiskfs.cli import parse_size
         cfg.chunk_size = parse_size(args.chunk_size)
+    cfg.busy = args.busy
     res = Results(cfg)
+    if args.busy:
+        res.info["busy"] = ("a CPU hog (python -c 'while True: pass') on one core during "
+                            "the 4K rows (sections fio, qd, cache)")
     os.makedirs(args.dir, exist_ok=True)
     if fs_type(args.dir) == "tmpfs":
         log(f"warning: {args.dir} is a tmpfs: 'native' figures will be of memory")

@@ -10,7 +10,8 @@ import os
 import shutil
 
 from bench import mounts, pools
-from bench.common import Config, RandomData, Results, disk_read_ahead, fsync_dir, read_ahead_kb
+from bench.common import (GiB, Config, RandomData, Results, cpu_hog, disk_read_ahead, fsync_dir,
+                          log, read_ahead_kb)
 
 TOOLS = ("bindfs", "fio", "mkfs.xfs", "qemu-img")
 
@@ -34,6 +35,29 @@ class Suite:
         names = list(self.targets)
         k = r % len(names)
         return names[k:] + names[:k]
+
+    def busy_hog(self):
+        """With --busy: a plain CPU hog (one core) for the duration of the block (the 4K
+        rows), killed by its pid afterwards; otherwise nothing."""
+        return cpu_hog(self.res) if self.cfg.busy else contextlib.nullcontext()
+
+    def big_pool(self) -> str:
+        """The engine-built pool of the mount and lat sections (16 VDisks x 64 GiB, 4 GiB
+        mapped each), built on first use."""
+        pool = self.p("pool-big")
+        if os.path.exists(pool):
+            return pool
+        c = self.cfg
+        specs = [(f"V{i:02d}", c.big_vdisk_size, c.big_mapped, False)
+                 for i in range(c.big_vdisks)]
+        bt = self.build_pool(pool, specs)
+        space = c.big_vdisks * c.big_vdisk_size
+        mapped = c.big_vdisks * c.big_mapped
+        self.res.info["big_pool"] = {"build_s": bt, "vdisks": c.big_vdisks,
+                                     "space_bytes": space, "mapped_bytes": mapped}
+        log(f"  big pool built in {bt:.1f} s ({space / GiB:.0f} GiB space, "
+            f"{mapped / GiB:.0f} GiB mapped)")
+        return pool
 
     def vdiskfs_mount(self, pool: str, mnt: str, *extra: str) -> mounts.VdiskfsMount:
         """A mount of ``pool``; a pool it creates gets the run's --chunk-size."""

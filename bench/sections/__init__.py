@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import importlib
 
-SECTIONS = ("seq", "fio", "ext4", "fresh", "clone", "mount", "writer", "scrub", "thin")
+SECTIONS = ("seq", "fio", "qd", "cache", "ext4", "fresh", "clone", "mount", "lat", "writer",
+            "scrub", "thin")
 
 
 def measure_fn(name: str):

@@ -15,15 +15,9 @@ if TYPE_CHECKING:
 
 def measure(s: Suite) -> None:
     c = s.cfg
-    pool, mnt = s.p("pool-big"), s.p("vb")
-    specs = [(f"V{i:02d}", c.big_vdisk_size, c.big_mapped, False) for i in range(c.big_vdisks)]
-    bt = s.build_pool(pool, specs)
+    pool, mnt = s.big_pool(), s.p("vb")
     space = c.big_vdisks * c.big_vdisk_size
     mapped = c.big_vdisks * c.big_mapped
-    s.res.info["big_pool"] = {"build_s": bt, "vdisks": c.big_vdisks,
-                              "space_bytes": space, "mapped_bytes": mapped}
-    log(f"  big pool built in {bt:.1f} s ({space / GiB:.0f} GiB space, "
-        f"{mapped / GiB:.0f} GiB mapped)")
     s.res.add("mount_meta", "vdiskfs", meta_bytes(pool) / MiB)
     for r in range(c.reps):
         drop_caches()
