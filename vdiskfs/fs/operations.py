@@ -179,8 +179,11 @@ class Operations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(self.invalidate_range, ino, off, length)
             else:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
-        except OSError as e:   # ENOENT: the kernel has no cache of it
-            log.debug("invalidate_inode(%s): %s", vd.name, e)
+        except OSError as e:
+            if e.errno == errno.ENOENT:     # the kernel has no cache of it
+                log.debug("invalidate_inode(%s): %s", vd.name, e)
+            else:   # its dirty pages, if any, stay in the kernel: say so
+                log.warning("could not make the kernel write back %s: %s", vd.name, e)
 
     async def _released(self, vd: VDisk) -> None:
         """The kernel sends RELEASE in the background after close(2) returns, behind its
