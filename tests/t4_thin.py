@@ -39,14 +39,22 @@ def m(new_mount):
     return new_mount.start("--chunk-size", "64K")
 
 
-def guest(kmounts, image: str, target: str) -> str:
-    return kmounts.loop_mount(image, target)
-
-
 def ext4_image(path: str, size: int) -> None:
     with open(path, "wb") as f:
         f.truncate(size)
     run(["mkfs.ext4", "-q", "-F", path])
+
+
+def trim_after_rm(target: str, name: str) -> str:
+    """Delete a file in the guest, let ext4 commit the free, fstrim; fstrim's output."""
+    os.unlink(os.path.join(target, name))
+    run(["sync", "-f", target])                      # ext4 frees the blocks at commit
+    return run(["fstrim", "-v", target]).stdout
+
+
+def e2fsck_clean(image: str) -> None:
+    proc = run(["e2fsck", "-fn", image], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def fill(path: str, n: int, seed: int) -> None:
@@ -62,39 +70,33 @@ def fill(path: str, n: int, seed: int) -> None:
 def test_fstrim_in_a_guest_returns_a_deleted_files_space(m, kmounts, tmp_path):
     img = m.path("G")
     ext4_image(img, 1 * GiB)
-    target = guest(kmounts, img, str(tmp_path / "g"))
+    target = kmounts.loop_mount(img, str(tmp_path / "g"))
     fill(os.path.join(target, "big"), 200 * MiB, 1)
     run(["sync", "-f", target])
     fsync_path(img)
     alloc0, data0 = allocated(img), data_file_bytes(m.pool)
-    os.unlink(os.path.join(target, "big"))
-    run(["sync", "-f", target])                      # ext4 frees the blocks at commit
-    out = run(["fstrim", "-v", target]).stdout
-    assert "trimmed" in out
+    assert "trimmed" in trim_after_rm(target, "big")
     fsync_path(img)                                  # the punches commit
     assert alloc0 - allocated(img) >= 0.9 * 200 * MiB
     assert os.stat(img).st_blocks * 512 == allocated(img)
     assert data0 - data_file_bytes(m.pool) >= 0.9 * 200 * MiB   # holes in the data file
     kmounts.umount(target)
-    proc = run(["e2fsck", "-fn", img], check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    e2fsck_clean(img)
 
 
 @pytest.mark.loop
 def test_fstrim_in_a_clone_and_in_its_source_leave_the_other_alone(m, kmounts, tmp_path):
     src = m.path("S")
     ext4_image(src, 512 * MiB)
-    target = guest(kmounts, src, str(tmp_path / "s"))
+    target = kmounts.loop_mount(src, str(tmp_path / "s"))
     fill(os.path.join(target, "a"), 64 * MiB, 2)
     fill(os.path.join(target, "b"), 64 * MiB, 3)
     kmounts.umount(target)
     clone(m, "S", "C")
     s_sum, s_alloc = sha256_file(src), allocated(src)
     # The clone deletes a and trims: its space goes, the source keeps its data.
-    target = guest(kmounts, m.path("C"), str(tmp_path / "c"))
-    os.unlink(os.path.join(target, "a"))
-    run(["sync", "-f", target])
-    run(["fstrim", target])
+    target = kmounts.loop_mount(m.path("C"), str(tmp_path / "c"))
+    trim_after_rm(target, "a")
     c_files = read_file(os.path.join(target, "b"))
     kmounts.umount(target)
     fsync_path(m.path("C"))
@@ -102,18 +104,15 @@ def test_fstrim_in_a_clone_and_in_its_source_leave_the_other_alone(m, kmounts, t
     assert sha256_file(src) == s_sum and allocated(src) == s_alloc
     c_sum = sha256_file(m.path("C"))
     # The other way round.
-    target = guest(kmounts, src, str(tmp_path / "s"))
-    os.unlink(os.path.join(target, "b"))
-    run(["sync", "-f", target])
-    run(["fstrim", target])
+    target = kmounts.loop_mount(src, str(tmp_path / "s"))
+    trim_after_rm(target, "b")
     kmounts.umount(target)
     assert sha256_file(m.path("C")) == c_sum
-    target = guest(kmounts, m.path("C"), str(tmp_path / "c"))
+    target = kmounts.loop_mount(m.path("C"), str(tmp_path / "c"))
     assert read_file(os.path.join(target, "b")) == c_files
     kmounts.umount(target)
     for img in (src, m.path("C")):
-        proc = run(["e2fsck", "-fn", img], check=False)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+        e2fsck_clean(img)
 
 
 @pytest.mark.loop
@@ -122,16 +121,14 @@ def test_fstrim_on_a_source_while_its_clone_runs_leaves_the_clone_exact(new_moun
     m = new_mount.start("--chunk-size", "64K", "--clone-speed", "16M")
     src = m.path("S")
     ext4_image(src, 512 * MiB)
-    target = guest(kmounts, src, str(tmp_path / "s"))
+    target = kmounts.loop_mount(src, str(tmp_path / "s"))
     fill(os.path.join(target, "a"), 96 * MiB, 4)
     kmounts.umount(target)
     want = sha256_file(src)
     with open(ctl_path(m.mnt), "w") as f:
         f.write("S C\n")
-    target = guest(kmounts, src, str(tmp_path / "s"))
-    os.unlink(os.path.join(target, "a"))
-    run(["sync", "-f", target])
-    run(["fstrim", target])
+    target = kmounts.loop_mount(src, str(tmp_path / "s"))
+    trim_after_rm(target, "a")
     kmounts.umount(target)
     fsync_path(src)
     assert follow(m, "S", "C", timeout=120)[-1] == "Completed"
@@ -147,8 +144,7 @@ def test_mkfs_ext4_of_100g_allocates_only_its_metadata(m):
     run(["mkfs.ext4", "-q", "-F", img])               # defaults: discard, lazy init
     fsync_path(img)
     assert allocated(img) < 64 * MiB
-    proc = run(["e2fsck", "-fn", img], check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    e2fsck_clean(img)
     # A punch of a written range gives it back.
     write_file(img, os.urandom(4 * MiB), 50 * GiB)
     before = allocated(img)

@@ -7,6 +7,7 @@ and page boundaries and shared pages appear with a handful of chunks.
 
 from __future__ import annotations
 
+import os
 import random
 
 from vdiskfs.cow.fsck import Report, check_pool
@@ -57,14 +58,14 @@ def slot(pool: Pool, vd, cidx: int) -> int:
 
 
 def seek_model(chunks: list[bool], size: int, off: int, whence: int, cs: int) -> int | None:
-    """What lseek SEEK_DATA (3) / SEEK_HOLE (4) from ``off`` answers at chunk granularity,
-    given which chunks (of ``cs`` bytes) hold data; None for ENXIO."""
+    """What lseek SEEK_DATA / SEEK_HOLE from ``off`` answers at chunk granularity, given
+    which chunks (of ``cs`` bytes) hold data; None for ENXIO."""
     if not 0 <= off < size:
         return None
     c = off // cs
-    while c * cs < size and chunks[c] != (whence == 3):
+    while c * cs < size and chunks[c] != (whence == os.SEEK_DATA):
         c += 1
-    if whence == 4:
+    if whence == os.SEEK_HOLE:
         return min(max(off, c * cs), size)
     return max(off, c * cs) if c * cs < size else None
 

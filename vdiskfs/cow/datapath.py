@@ -226,8 +226,7 @@ class DataPath:
         other VDisks keep it); one cut by an edge gets a private copy whose entries go."""
         plan = _Plan(self)
         pe, pages = self.pe, self.meta.pages
-        for pidx, pid in vd.pages_in(first // pe, -(-end // pe)):
-            lo, hi = max(first - pidx * pe, 0), min(end - pidx * pe, pe)
+        for pidx, pid, lo, hi in vd.spans(first, end, pe):
             if (lo, hi) == (0, pe):
                 plan.ops.append(["pdrop", vd.vid, pidx])
                 continue

@@ -63,6 +63,12 @@ class VDisk:
             return [(p, ptab[p]) for p in range(p0, p1) if p in ptab]
         return sorted((p, pid) for p, pid in ptab.items() if p0 <= p < p1)
 
+    def spans(self, first: int, end: int, pe: int) -> list[tuple[int, int, int, int]]:
+        """For chunks [first, end), each mapped page they touch: (page index, page id,
+        lo, hi), entries [lo, hi) of that page being in the range."""
+        return [(p, pid, max(first - p * pe, 0), min(end - p * pe, pe))
+                for p, pid in self.pages_in(first // pe, -(-end // pe))]
+
 
 class Drops:
     """Told of every reference that goes away (space.Space listens; replay ignores it)."""

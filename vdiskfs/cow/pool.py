@@ -48,7 +48,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_MODES = (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                 FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
-SEEK_DATA, SEEK_HOLE = 3, 4
+SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
 
 
 class JournalMissing(FormatError):
@@ -570,13 +570,10 @@ class Pool:
         self.txn.apply_all(self.data.unmap(vd, first, last))
 
     def _check_room(self, vd: VDisk, off: int, end: int) -> None:
-        cs, pe = self.chunk_size, self.page_entries
+        cs, pages = self.chunk_size, self.meta.pages
         first, stop = off // cs, -(-end // cs)
-        mapped = 0
-        for pidx, pid in vd.pages_in(first // pe, -(-stop // pe)):
-            page = self.meta.pages[pid]
-            lo, hi = max(first - pidx * pe, 0), min(stop - pidx * pe, pe)
-            mapped += hi - lo - page[lo:hi].count(0)
+        mapped = sum(hi - lo - pages[pid][lo:hi].count(0)
+                     for _, pid, lo, hi in vd.spans(first, stop, self.page_entries))
         need = (stop - first - mapped) * cs
         st = os.statvfs(self.path)
         if need > st.f_bavail * st.f_frsize:

@@ -110,7 +110,9 @@ class Daemon:
                     await self._detach()
                     return
                 asked = True
-                busy = await self._in_use(SIGNAL_GRACE)
+                await self.ops.released(grace=SIGNAL_GRACE)
+                busy = sorted(vd.name or str(vd.vid) for vid in self.pool.open_count
+                              if (vd := self.pool.get(vid)) is not None)
                 if busy:
                     log.warning("signal %s: not unmounting, VDisks in use: %s (a second "
                                 "signal detaches them)", name, ", ".join(busy))
@@ -118,14 +120,6 @@ class Daemon:
                 log.info("signal %s: unmounting", name)
                 if await self._unmount_while_serving():
                     return
-
-    async def _in_use(self, grace: float) -> list[str]:
-        """The VDisks still open once ``grace`` seconds passed (or none is open)."""
-        deadline = trio.current_time() + grace
-        while self.pool.open_count and trio.current_time() < deadline:
-            await trio.sleep(0.02)
-        return sorted(vd.name or str(vd.vid) for vid in self.pool.open_count
-                      if (vd := self.pool.get(vid)) is not None)
 
     async def _unmount_while_serving(self) -> bool:
         # A plain unmount makes the kernel write back its dirty pages (the writeback cache)

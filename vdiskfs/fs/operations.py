@@ -185,12 +185,14 @@ class Operations(pyfuse3.Operations):
             else:   # its dirty pages, if any, stay in the kernel: say so
                 log.warning("could not make the kernel write back %s: %s", vd.name, e)
 
-    async def _released(self, vd: VDisk) -> None:
+    async def released(self, vd: VDisk | None = None, grace: float = RELEASE_GRACE) -> None:
         """The kernel sends RELEASE in the background after close(2) returns, behind its
         queue of writeback: a ``cat X; rm X`` can have its UNLINK overtake it. Before an
-        open VDisk is refused (EBUSY), give such a release a moment to arrive."""
-        deadline = trio.current_time() + RELEASE_GRACE
-        while self.pool.open_count.get(vd.vid) and trio.current_time() < deadline:
+        open VDisk (``None``: any) is taken to be in use, give such a release up to
+        ``grace`` seconds to arrive."""
+        open_count = self.pool.open_count
+        deadline = trio.current_time() + grace
+        while (open_count.get(vd.vid) if vd else open_count) and trio.current_time() < deadline:
             await trio.sleep(0.01)
 
     def _looked_up(self, vd: VDisk) -> pyfuse3.EntryAttributes:
@@ -332,7 +334,7 @@ class Operations(pyfuse3.Operations):
         vd = self.pool.lookup(self._name(parent, name))
         if vd is None:
             raise FUSEError(errno.ENOENT)
-        await self._released(vd)
+        await self.released(vd)
         self.pool.unlink(vd, in_use=self._in_use(vd))
 
     @handler
@@ -350,7 +352,7 @@ class Operations(pyfuse3.Operations):
         if target is not None and flags & pyfuse3.RENAME_NOREPLACE:
             raise FUSEError(errno.EEXIST)
         if target is not None:
-            await self._released(target)
+            await self.released(target)
         self.pool.rename(vd, new, target_in_use=target is not None and self._in_use(target))
 
     @handler
@@ -430,18 +432,19 @@ class Operations(pyfuse3.Operations):
             else:
                 await self.jobs.execute(commands.parse(bytes(buf)), self._flush_vdisk)
             return len(buf)
-        return await self._retry_enospc(self.pool.write, h.vd, off, buf)
-
-    async def _retry_enospc(self, call: Callable, *args: Any) -> Any:
-        try:
-            return call(*args)
+        try:                      # the hot path: one call, no wrapper
+            return self.pool.write(h.vd, off, buf)
         except OSError as e:
-            # Space freed by a delete comes back only once that delete is durable: make it
-            # so and try once more before telling the writer the disk is full.
-            if e.errno != errno.ENOSPC or not self.pool.space.frees_pending():
-                raise
-            await self.syncer.sync()
-            return call(*args)
+            return await self._retry_enospc(e, self.pool.write, h.vd, off, buf)
+
+    async def _retry_enospc(self, e: OSError, call: Callable, *args: Any) -> Any:
+        """``call(*args)`` failed with ``e``: space freed by a delete comes back only once
+        that delete is durable, so on ENOSPC with frees pending make them durable and try
+        once more before telling the writer the disk is full."""
+        if e.errno != errno.ENOSPC or not self.pool.space.frees_pending():
+            raise e
+        await self.syncer.sync()
+        return call(*args)
 
     @handler
     async def flush(self, fh):
@@ -514,7 +517,11 @@ class Operations(pyfuse3.Operations):
         back its dirty pages in the range before, and drops its cached ones after."""
         if inode < VDISK_BASE:
             raise FUSEError(errno.EOPNOTSUPP)
-        await self._retry_enospc(self.pool.fallocate, self.vdisk(inode), mode, off, length)
+        vd = self.vdisk(inode)
+        try:
+            self.pool.fallocate(vd, mode, off, length)
+        except OSError as e:
+            await self._retry_enospc(e, self.pool.fallocate, vd, mode, off, length)
 
     @handler
     async def lseek(self, inode, off, whence):
