@@ -75,6 +75,16 @@ def p99(lat_ms: list[float]) -> float:
         else lat_ms[0]
 
 
+def last_checkpoint_line(pool: str) -> str | None:
+    """The daemon's own account of its last checkpoint (size, time on the loop)."""
+    try:
+        with open(os.path.join(pool, layout.LOG), errors="replace") as f:
+            lines = [ln.split(": ", 1)[-1].strip() for ln in f if "checkpoint: " in ln]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
+
+
 def grow_journal(pool: str, name: str, beyond: int) -> int:
     """Rename ``name`` back and forth until the journal is ``beyond`` bytes; ends named
     ``name``. Returns the journal size."""
@@ -147,10 +157,11 @@ def measure(s: Suite) -> None:
         s.res.add("lat_ckpt_time", "vdiskfs", tb - ta)
         s.res.info.setdefault("lat_ckpt", []).append(
             {"journal_bytes": js, "writes_during": len(during), "checkpoint_s": tb - ta,
-             "writes_total": len(times), "journal_after": j_after})
+             "writes_total": len(times), "journal_after": j_after,
+             "daemon": last_checkpoint_line(pool)})
         log(f"  lat rep {r + 1}: checkpoint {tb - ta:.2f} s, {len(during)} writes during it,"
             f" max {max(during):.1f} ms, p99 {p99(during):.1f} ms; without: max "
-            f"{max(lat):.1f} ms")
+            f"{max(lat):.1f} ms; daemon: {s.res.info['lat_ckpt'][-1]['daemon']}")
     why = ("vdiskfs umount refuses while a VDisk is open, and its checkpoint runs after the "
            "kernel detached the mount: no write can overlap it (see umount_time)")
     for fid in ("lat_umount_max", "lat_umount_p99"):

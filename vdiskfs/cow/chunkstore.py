@@ -30,6 +30,9 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2    # start writeback, wait for nothing
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -71,6 +74,9 @@ class ChunkStore:
         self.can_punch = True
         self.can_allocate = True
         self.unsynced = False   # written since the last data sync began
+        # Slots reserved (to be written whole) since the last take_fresh; None: not kept
+        # (only a daemon paces writeback).
+        self.fresh: list[int] | None = None
 
     def known_zero(self, slot: int) -> bool:
         """Does the slot read as zeros (so a partial write needs no zero fill)?"""
@@ -99,6 +105,8 @@ class ChunkStore:
                 else:
                     self.eof = max(self.eof, (first + count) * cs)
         self.punched.difference_update(slots)
+        if self.fresh is not None:
+            self.fresh += slots
 
     def read_at(self, pos: int, size: int) -> bytes:
         """``size`` bytes at data-file position ``pos`` (zeros past its end)."""
@@ -193,6 +201,25 @@ class ChunkStore:
     def sums_size(self) -> int:
         """How many blocks the sums file covers."""
         return os.fstat(self.sfd).st_size // SUM_SIZE if self.sfd >= 0 else 0
+
+    def start_writeback(self, slots: list[int]) -> None:
+        """Have the kernel start writing these slots' dirty pages now, without waiting
+        (sync_file_range WRITE, which reports no writeback error: fdatasync still does).
+        For slots written whole and once (copies, new data): paced, this keeps a commit's
+        fdatasync from flushing seconds of them in one burst that every read then queues
+        behind. In-place rewrites are left to the kernel, which merges them."""
+        cs = self.chunk_size
+        for first, count in _runs(sorted(set(slots))):
+            if _libc.sync_file_range(self.fd, first * cs, count * cs,
+                                     SYNC_FILE_RANGE_WRITE) != 0:
+                e = ctypes.get_errno()
+                raise fatal(OSError(e, os.strerror(e)), "starting writeback of the data file",
+                            sync=True)
+
+    def take_fresh(self) -> list[int]:
+        """The slots reserved since the last call (and from now on keep them)."""
+        fresh, self.fresh = self.fresh or [], []
+        return fresh
 
     def take_unsynced(self) -> bool:
         """Was anything written since the last call? (A commit asks, on the loop thread,

@@ -22,6 +22,7 @@ FORMAT_VERSION = 4
 
 FRAME_MAGIC = b"VDF1"
 FRAME_HEADER = struct.Struct("<4sII")
+BIN32 = struct.Struct(">BI")
 MAX_FRAME = 1 << 31
 
 
@@ -59,6 +60,31 @@ def frame(payload: bytes) -> bytes:
 
 def frame_record(obj: Any) -> bytes:
     return frame(packb(obj))
+
+
+BY_REFERENCE = 64 << 10   # bin values at least this long are framed without a copy
+
+
+def frame_record_pieces(rec: dict) -> list:
+    """``frame_record(rec)`` as buffers whose concatenation is the same bytes, with the
+    map's large ``bytes`` values by reference (a checkpoint's arrays): packing them would
+    copy megabytes in one call that holds the GIL, and the loop thread waits for the GIL.
+    The CRC over the pieces and their write (os.writev) let it go."""
+    packer = msgpack.Packer(use_bin_type=True)
+    pieces: list = [b"", packer.pack_map_header(len(rec))]
+    for k, v in rec.items():
+        pieces.append(packer.pack(k))
+        if isinstance(v, bytes) and len(v) >= BY_REFERENCE:
+            pieces.append(BIN32.pack(0xC6, len(v)))   # msgpack's bin 32, as packb makes it
+            pieces.append(v)
+        else:
+            pieces.append(packer.pack(v))
+    crc, length = 0, 0
+    for p in pieces:
+        crc = zlib.crc32(p, crc)
+        length += len(p)
+    pieces[0] = FRAME_HEADER.pack(FRAME_MAGIC, length, crc)
+    return pieces
 
 
 def iter_frames(buf: bytes | memoryview, start: int = 0) -> Iterator[tuple[bytes, int]]:

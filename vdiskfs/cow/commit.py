@@ -11,13 +11,19 @@ anywhere, then finished or aborted on the engine's thread:
 
     run:    fdatasync(data)        invariant 1: data before the records pointing at it
             append the batch + its commit frame to the journal, fdatasync(journal)
-            punch the slots freed by those transactions
+            punch the slots freed by those transactions (unless ``defer_punch``)
     finish: the frees become reusable, the unstable entries stable (space.Space)
     abort:  everything goes back for the next try
 
 ``run`` touches only the prepared bytes, the data file's fd and the journal file, so it
 may run in a worker thread while the engine keeps serving. A ``Checkpoint`` writes the
 whole state instead and starts the next journal generation (docs/FORMAT.md).
+
+A punch holds the data file's inode lock for its whole length, and on a filesystem that
+discards synchronously (ext4 without a journal, mounted ``-o discard``) that is a device
+round trip per run of slots: every write into the data file waits behind it. The daemon
+therefore sets ``defer_punch``: a commit makes its frees reusable at once and its
+puncher (fs/puncher.py) gives their space back when I/O pauses (space.py).
 """
 
 from __future__ import annotations
@@ -132,7 +138,11 @@ class Commit:
 
     def run(self) -> None:
         self._append()
-        self.c.store.release(self.token.slots)
+        self._release()
+
+    def _release(self) -> None:
+        if not self.c.defer_punch:
+            self.c.store.release(self.token.slots)
 
     def _append(self) -> None:
         """Invariant 1: the data (and its sums) durable, then the batch."""
@@ -144,7 +154,10 @@ class Commit:
 
     def finish(self) -> None:
         self.c.journal.end = self.offset + len(self.data)
-        self.c.space.finish(self.token)
+        self._finish_space()
+
+    def _finish_space(self) -> None:
+        self.c.space.finish(self.token, unpunched=self.c.defer_punch)
 
     def abort(self) -> None:
         """The run failed: keep everything for the next try."""
@@ -162,19 +175,23 @@ class Checkpoint(Commit):
     def __init__(self, c: "Commits"):
         super().__init__(c)
         self.gen = c.journal.gen + 1
-        self.record = codec.frame_record(c.meta.to_record(self.gen, c.uuid))
+        # A snapshot (to_record copies what can change), framed in ``run``: off the loop.
+        self.rec = c.meta.to_record(self.gen, c.uuid)
+        self.size = 0
         self.committed = False
 
     def run(self) -> None:
         c = self.c
         self._append()
         self.committed = True
-        layout.new_generation(c.path, self.record, journal_mod.header_frame(self.gen, c.uuid))
+        pieces = codec.frame_record_pieces(self.rec)
+        self.size = sum(len(p) for p in pieces)
+        layout.new_generation(c.path, pieces, journal_mod.header_frame(self.gen, c.uuid))
         c.journal.reopen(self.gen)
-        c.store.release(self.token.slots)
+        self._release()
 
     def finish(self) -> None:
-        self.c.space.finish(self.token)
+        self._finish_space()
 
     def abort(self) -> None:
         if not self.committed:
@@ -199,6 +216,7 @@ class Commits:
         # False only for the test that proves the power-loss test fails: the data file is
         # never fdatasync'd (its sums still are).
         self.sync_data = sync_data
+        self.defer_punch = False   # True: frees are punched by the caller's puncher
 
     def prepare(self, checkpoint: bool = False) -> Commit:
         self.txn.failstop.check()

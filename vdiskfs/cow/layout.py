@@ -23,6 +23,7 @@ JOURNAL_PREV = "journal.prev"
 MIRROR = ".mirror"                    # every journal has a copy (cow/journal.py)
 LOG = "daemon.log"
 
+IOV_MAX = 1024                        # buffers per writev(2) (Linux's limit)
 DEFAULT_CHUNK_SIZE = 256 * 1024   # chosen by bench/chunksize.py: see docs/ARCHITECTURE.md
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
@@ -98,15 +99,20 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_tmp(pool_dir: str, name: str, data: bytes) -> str:
-    """Write and fsync POOL/name.tmp; returns its path."""
+def write_tmp(pool_dir: str, name: str, data: bytes | list) -> str:
+    """Write and fsync POOL/name.tmp (``data``: bytes, or buffers written back to back);
+    returns its path."""
     tmp = os.path.join(pool_dir, name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data) if p]
+        while views:
+            n = os.writev(fd, views[:IOV_MAX])
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
         try:
             os.fsync(fd)
         except OSError as e:
@@ -125,7 +131,7 @@ def write_file_atomic(pool_dir: str, name: str, data: bytes) -> None:
     fsync_dir(pool_dir)
 
 
-def new_generation(pool_dir: str, checkpoint: bytes, journal: bytes) -> None:
+def new_generation(pool_dir: str, checkpoint: bytes | list, journal: bytes) -> None:
     """Install a new checkpoint and its empty journal; the current pair becomes the
     previous generation. At every instant a crash leaves either the current checkpoint
     with its journal, or no current checkpoint and the previous generation (whose replay

@@ -388,7 +388,8 @@ class Metadata:
 
     # ----------------------------------------------------------------- (de)serialise
     def to_record(self, gen: int, uuid: str = "") -> dict:
-        """The checkpoint record (docs/FORMAT.md, "checkpoint")."""
+        """The checkpoint record (docs/FORMAT.md, "checkpoint"): a snapshot that shares
+        nothing mutable with the live state, so it may be packed in another thread."""
         pids = array("Q", sorted(self.pages))
         blob = bytearray()
         for pid in pids:
@@ -397,7 +398,7 @@ class Metadata:
             "kind": "checkpoint", "v": codec.FORMAT_VERSION, "gen": gen, "uuid": uuid,
             "chunk_size": self.chunk_size, "page_entries": self.page_entries,
             "next_vid": self.next_vid, "next_job": self.next_job,
-            "vdisks": [{"vid": vd.vid, "name": vd.name, "size": vd.size, "props": vd.props,
+            "vdisks": [{"vid": vd.vid, "name": vd.name, "size": vd.size, "props": dict(vd.props),
                         "pmap": codec.array_to_bin(array("Q", [
                             x for item in sorted(vd.ptab.items()) for x in item]))}
                        for vd in self.vdisks.values()],

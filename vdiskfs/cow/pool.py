@@ -49,6 +49,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_MODES = (0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                 FALLOC_FL_ZERO_RANGE, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE)
 SEEK_DATA, SEEK_HOLE = os.SEEK_DATA, os.SEEK_HOLE
+PUNCH_BATCH = 16    # slots per deferred punch: each run holds the data file's inode lock
 
 
 class JournalMissing(FormatError):
@@ -71,6 +72,7 @@ class Pool:
         self.open_count: dict[int, int] = {}
         self.notes: list[str] = []        # damage the open found and worked around
         self.cut_checkpoint = False       # a crash cut a new generation short
+        self.io_count = 0                 # data requests served (the puncher's idle test)
         try:
             self._lock()
             self._read_header()
@@ -437,11 +439,13 @@ class Pool:
 
     # ------------------------------------------------------------ data
     def read(self, vd: VDisk, off: int, size: int) -> bytes | bytearray:
+        self.io_count += 1
         if off >= vd.size or size <= 0:
             return b""
         return self.data.read(vd, off, min(size, vd.size - off))
 
     def write(self, vd: VDisk, off: int, data) -> int:
+        self.io_count += 1
         self.txn.check_writable()
         mv = memoryview(data)
         end = off + len(mv)
@@ -524,6 +528,7 @@ class Pool:
           filesystem has less room than the range's unmapped chunks would take: a
           preallocation that could not possibly be honoured fails at once.
         Any other mode: EOPNOTSUPP (never ENOSYS, which would turn fallocate off)."""
+        self.io_count += 1
         self.txn.check_writable()
         if mode not in FALLOC_MODES:
             raise VDiskError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
@@ -647,6 +652,34 @@ class Pool:
         """Blocking commit (for callers without an event loop)."""
         self.commits.run()
 
+    # ------------------------------------------------------------ deferred punches
+    def defer_punches(self) -> None:
+        """From now on commits leave giving freed space back to the caller (commit.py):
+        ``take_punch``, ``punch`` (any thread), ``punch_done``."""
+        self.commits.defer_punch = True
+
+    def take_punch(self, limit: int = PUNCH_BATCH) -> list[int]:
+        return self.space.take_punch(limit)
+
+    def punch(self, slots: list[int]) -> None:
+        """Give the space of free ``slots`` (from ``take_punch``) back. Blocking; touches
+        only the data file, so it may run in a worker thread."""
+        self.store.release(slots)
+
+    def punch_done(self, slots: list[int], ok: bool = True) -> None:
+        self.space.punch_done(slots, ok)
+
+    def punch_all(self) -> None:
+        """Blocking: punch every slot a deferred punch still owes, then punch at once."""
+        self.commits.defer_punch = False
+        while slots := self.space.take_punch(PUNCH_BATCH):
+            ok = False
+            try:
+                self.punch(slots)
+                ok = True
+            finally:
+                self.punch_done(slots, ok)
+
     def checkpoint(self) -> None:
         self.commits.run(checkpoint=True)
 
@@ -658,6 +691,7 @@ class Pool:
             # durable before the failure.
             if commit and not self.readonly and self.store is not None and not self.failed:
                 self.cool(everything=True)
+                self.punch_all()
                 self.checkpoint()
         finally:
             if self.store is not None:

@@ -16,6 +16,11 @@ The commit protocol (commit.py): ``begin_commit`` takes everything accumulated s
 into a ``Token``; after the journal write ``finish(token)`` makes its frees reusable and
 its unstable entries stable; after a failure ``abort(token)`` puts everything back for
 the next try.
+
+Deferred punches (the daemon's puncher, fs/puncher.py): a commit may make its frees
+reusable before their space goes back to the backing filesystem. Such slots are
+*unpunched*; ``take_punch`` lends some to a punch (no allocation hands them out until
+``punch_done``), and a slot reused first simply leaves the set: its space is in use again.
 """
 
 from __future__ import annotations
@@ -51,14 +56,23 @@ class Space(Drops):
         self.unstable_slots: set[int] = set()
         self.unstable_pages: set[int] = set()
         self.inflight: list[Token] = []
+        self.unpunched: set[int] = set()   # free, reusable, space maybe still held
+        self.punching: set[int] = set()    # lent to a punch in progress: not allocatable
+        self._held: list[int] = []         # popped off the heap while being punched
         # Slots written (or born) since the last cooling pass: the others may go cold.
         self.written = bytearray(len(meta.slot_ref))
         meta.drops = self
 
     # ------------------------------------------------------------ allocation
     def alloc_slot(self) -> int:
-        if self.free_slots:
-            return heapq.heappop(self.free_slots)
+        while self.free_slots:
+            s = heapq.heappop(self.free_slots)
+            if s in self.punching:
+                self._held.append(s)
+                continue
+            if self.unpunched:
+                self.unpunched.discard(s)
+            return s
         s = self.next_slot
         self.next_slot += 1
         return s
@@ -123,6 +137,9 @@ class Space(Drops):
         """Are slots waiting for a commit before they can be reused?"""
         return bool(self.freed_slots or self.inflight)
 
+    def punches_pending(self) -> bool:
+        return bool(self.unpunched or self.punching)
+
     # ------------------------------------------------------------ commits
     def begin_commit(self) -> Token:
         t = Token(self.freed_slots, self.freed_pids, self.unstable_slots, self.unstable_pages)
@@ -131,11 +148,35 @@ class Space(Drops):
         self.inflight.append(t)
         return t
 
-    def finish(self, t: Token) -> None:
+    def finish(self, t: Token, unpunched: bool = False) -> None:
+        """``unpunched``: the commit left punching the freed slots to the puncher."""
         for s in t.slots:
             heapq.heappush(self.free_slots, s)
+        if unpunched:
+            self.unpunched.update(t.slots)
         self.free_pids.extend(t.pids)
         self.inflight.remove(t)
+
+    # ------------------------------------------------------------ deferred punches
+    def take_punch(self, limit: int) -> list[int]:
+        """Up to ``limit`` unpunched free slots (ascending), lent to a punch."""
+        slots = sorted(self.unpunched)[:limit] if len(self.unpunched) > limit \
+            else sorted(self.unpunched)
+        self.unpunched.difference_update(slots)
+        self.punching.update(slots)
+        return slots
+
+    def punch_done(self, slots: list[int], ok: bool = True) -> None:
+        """The punch of ``slots`` ended (``ok``: their space is back; otherwise they go
+        back to the unpunched set): they are allocatable again."""
+        self.punching.difference_update(slots)
+        if not ok:
+            self.unpunched.update(slots)
+        if self._held:
+            back = [s for s in self._held if s not in self.punching]
+            self._held = [s for s in self._held if s in self.punching]
+            for s in back:
+                heapq.heappush(self.free_slots, s)
 
     def abort(self, t: Token) -> None:
         self.freed_slots[:0] = t.slots
@@ -148,7 +189,7 @@ class Space(Drops):
     def problems(self, meta: Metadata) -> list[str]:
         """Disagreements with the refcounts (the engine tests' check; fsck's space map)."""
         out = []
-        free = self.free_slots
+        free = self.free_slots + self._held
         if len(set(free)) != len(free):
             out.append("a slot is on the free list twice")
         for s in free:

@@ -439,11 +439,14 @@ class Operations(pyfuse3.Operations):
 
     async def _retry_enospc(self, e: OSError, call: Callable, *args: Any) -> Any:
         """``call(*args)`` failed with ``e``: space freed by a delete comes back only once
-        that delete is durable, so on ENOSPC with frees pending make them durable and try
-        once more before telling the writer the disk is full."""
-        if e.errno != errno.ENOSPC or not self.pool.space.frees_pending():
+        that delete is durable and punched, so on ENOSPC with frees or punches pending
+        make them durable, punch them and try once more before telling the writer the
+        disk is full."""
+        space = self.pool.space
+        if e.errno != errno.ENOSPC or not (space.frees_pending() or space.punches_pending()):
             raise e
         await self.syncer.sync()
+        await self.syncer.puncher.drain()
         return call(*args)
 
     @handler

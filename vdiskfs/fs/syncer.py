@@ -4,14 +4,19 @@ checkpoints bound what a crash can lose and how long replay takes."""
 from __future__ import annotations
 
 import logging
+import time
 
 import trio
 
+from ..cow.errors import StoreFailed
 from ..cow.pool import Pool
+from .puncher import Puncher
 
 log = logging.getLogger(__name__)
 
 COMMIT_INTERVAL = 5.0   # seconds between background commits of a dirty pool
+WRITEBACK_EVERY = 0.25  # seconds between checks of the data written since the last kick
+WRITEBACK_BYTES = 8 << 20   # fresh slots' bytes that make the kernel start writing them
 COOL_EVERY = 60         # commit intervals (5 min) between cooling passes (cow/pool.py: Pool.cool)
 
 
@@ -21,6 +26,7 @@ class Syncer:
         self._lock = trio.Lock()
         self._started = 0   # commits begun
         self._done = 0      # commits finished successfully (by number of the last one)
+        self.puncher = Puncher(pool)   # runs (and commits defer punches) in the daemon
 
     async def sync(self) -> None:
         """Return once everything done before the call is durable (invariant 4)."""
@@ -45,14 +51,33 @@ class Syncer:
         self._started += 1
         n = self._started
         pool = self.pool
+        t0 = time.perf_counter()
         batch = pool.commits.prepare(checkpoint)
+        t1 = time.perf_counter()
         try:
             await trio.to_thread.run_sync(batch.run)
         except BaseException as e:
             pool.commits.aborted(batch, e)
             raise
         batch.finish()
+        if checkpoint:
+            log.info("checkpoint: %d bytes, prepared in %.1f ms on the loop, written in "
+                     "%.2f s", batch.size, (t1 - t0) * 1000, time.perf_counter() - t1)
         self._done = n
+        if batch.token.slots:
+            self.puncher.kick()
+
+    async def run_writeback(self) -> None:
+        """Pace the writeback of freshly written slots (ChunkStore.start_writeback)."""
+        store = self.pool.store
+        store.take_fresh()
+        while True:
+            await trio.sleep(WRITEBACK_EVERY)
+            if len(store.fresh) * store.chunk_size >= WRITEBACK_BYTES and not self.pool.failed:
+                try:
+                    await trio.to_thread.run_sync(store.start_writeback, store.take_fresh())
+                except StoreFailed as e:
+                    self.pool.failstop.fail(e)
 
     async def run_periodic(self) -> None:
         rounds = 0
