@@ -454,6 +454,65 @@ def test_truncate_frees_are_deferred_too(pool):
     check(pool)
 
 
+def data_blocks(pool) -> int:
+    return os.stat(os.path.join(pool.path, layout.DATA)).st_blocks
+
+
+def test_deferred_punches_free_space_later_and_reuse_first(pool):
+    """The daemon's commits leave punching to its puncher (fs/puncher.py): freed slots are
+    reusable at once, their space comes back when punched, a slot lent to a punch is
+    never handed out, and a slot reused first is simply not punched."""
+    pool.defer_punches()
+    vd = pool.create("A", 0)
+    pool.write(vd, 0, pattern(8 * CS, 11))
+    pool.sync()
+    old = [slot(pool, vd, c) for c in range(8)]
+    full = data_blocks(pool)
+    pool.truncate(vd, 0)
+    pool.sync()
+    assert set(old) <= pool.space.unpunched and set(old) <= set(pool.space.free_slots)
+    assert data_blocks(pool) == full                 # nothing punched by the commit
+    lent = pool.take_punch(3)
+    assert lent == sorted(old)[:3] and not set(lent) & pool.space.unpunched
+    pool.write(vd, 0, pattern(2 * CS, 12))           # allocations skip the lent slots
+    reused = {slot(pool, vd, 0), slot(pool, vd, 1)}
+    assert not reused & set(lent) and reused <= set(old)
+    assert not reused & pool.space.unpunched         # reused: nothing to punch any more
+    pool.punch(lent)
+    pool.punch_done(lent)
+    assert all(pool.store.known_zero(s) for s in lent)
+    assert data_blocks(pool) < full
+    pool.write(vd, 2 * CS, pattern(3 * CS, 13))      # the punched slots are free again
+    assert {slot(pool, vd, c) for c in range(2, 5)} == set(lent)
+    assert read_all(pool, vd) == pattern(2 * CS, 12) + pattern(3 * CS, 13)
+    check(pool)
+    pool.truncate(vd, 0)
+    pool.sync()
+    assert pool.space.unpunched
+    pool.close()                                     # punches what is left
+    p = Pool(pool.path)
+    try:
+        assert data_blocks(p) * 512 < CS, data_blocks(p)
+        check(p)
+    finally:
+        p.close()
+
+
+def test_a_failed_punch_gives_its_slots_back(pool):
+    pool.defer_punches()
+    vd = pool.create("A", 0)
+    pool.write(vd, 0, pattern(4 * CS, 14))
+    pool.sync()
+    pool.truncate(vd, 0)
+    pool.sync()
+    lent = pool.take_punch()
+    pool.punch_done(lent, ok=False)
+    assert set(lent) <= pool.space.unpunched and not pool.space.punching
+    pool.write(vd, 0, pattern(4 * CS, 15))
+    assert {slot(pool, vd, c) for c in range(4)} == set(lent)
+    check(pool)
+
+
 def test_unstable_slot_is_not_overwritten_in_place(pool):
     """clone A->B (durable), delete B (not durable), write A: the chunk A shared with B
     must go to a new slot, because after a crash B is back and still owns the old one."""
