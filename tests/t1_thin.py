@@ -286,3 +286,70 @@ def test_a_format_3_dense_page_table_is_read_into_the_sparse_one(tmp_path):
     assert read_all(p, vd)[:vd.size] == bytes(SPAN) + data and sorted(vd.ptab) == [1, 2, 3, 4, 5]
     check(p)
     p.close()
+
+
+# ---------------------------------------------------------------------------- reads in flight
+def test_a_slot_read_off_the_engines_thread_is_neither_punched_nor_reused(tmp_path):
+    """Operations.read plans a read on the engine's thread and fetches it in a worker:
+    meanwhile the engine may free the slots it reads (a punch, an overwrite by copy, a
+    delete) and commit; a pinned slot waits for the next commit after the read, so the
+    read never returns zeros or another VDisk's bytes in place of data it mapped."""
+    p = Pool(new_pool(tmp_path))
+    a = p.create("A")
+    data = pattern(2 * CS, 12)
+    p.write(a, 0, data)
+    p.sync()
+    plan = p.plan_read(a, 0, 2 * CS)
+    s0, s1 = slot(p, a, 0), slot(p, a, 1)
+    p.fallocate(a, PUNCH | KEEP, 0, 2 * CS)         # both slots freed...
+    p.sync()                                        # ...and the free is durable
+    b = p.create("B")
+    p.write(b, 0, pattern(2 * CS, 13))              # would take the lowest free slots
+    assert {slot(p, b, 0), slot(p, b, 1)}.isdisjoint({s0, s1})
+    assert p.fetch(plan) == data                    # what A held when the read began
+    p.done_reading(plan)
+    p.sync()                                        # now they go
+    c = p.create("C")
+    p.write(c, 0, pattern(2 * CS, 14))
+    assert {slot(p, c, 0), slot(p, c, 1)} == {s0, s1}
+    check(p)
+    p.close()
+
+
+def test_a_fetch_racing_an_in_place_write_gives_none_or_consistent_bytes(tmp_path):
+    p = Pool(new_pool(tmp_path))
+    a = p.create("A")
+    p.write(a, 0, pattern(CS, 15))
+    plan = p.plan_read(a, 0, CS)
+    p.write(a, 0, pattern(CS, 16))                  # in place: data and sums change
+    assert p.fetch(plan) in (pattern(CS, 16), None)
+    p.done_reading(plan)
+    store = p.store
+    store.write_sums(slot(p, a, 0) * (CS // 4096), __import__("array").array("Q", [1]))
+    plan = p.plan_read(a, 0, CS)
+    assert p.fetch(plan) is None                    # a mismatch: the caller reads again
+    p.done_reading(plan)
+    assert errno_of(lambda: p.read(a, 0, CS)) == errno.EIO
+    p.close()
+
+
+def test_a_nowait_fetch_reads_the_page_cache_only(tmp_path):
+    """Operations.read first tries the page cache on the event loop (RWF_NOWAIT) and
+    hops to a worker thread only for what would wait for the disk."""
+    p = Pool(new_pool(tmp_path))
+    a = p.create("A")
+    data = pattern(2 * CS, 18)
+    p.write(a, 0, data)
+    p.sync()
+    os.posix_fadvise(p.store.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    plan = p.plan_read(a, 0, 2 * CS)
+    with pytest.raises(BlockingIOError):
+        p.fetch(plan, nowait=True)
+    assert p.fetch(plan) == data                       # the worker thread's read
+    assert p.fetch(plan, nowait=True) == data          # now cached
+    p.done_reading(plan)
+    tail = p.plan_read(a, 2 * CS - 100, 100)           # a read to the data file's end
+    assert p.fetch(tail, nowait=True) == data[-100:]
+    p.done_reading(tail)
+    check(p)
+    p.close()
