@@ -45,8 +45,8 @@ def test_a_small_write_into_a_shared_chunk_writes_only_its_blocks(pool, monkeypa
     reads = []                                           # whole-chunk reads
     read = pool.store.read_at
     monkeypatch.setattr(pool.store, "read_at",
-                        lambda pos, n, *nowait: (reads.append(pos) if n >= CS else None,
-                                                 read(pos, n, *nowait))[1])
+                        lambda pos, n: (reads.append(pos) if n >= CS else None,
+                                        read(pos, n))[1])
     new = pattern(100, 2)
     pool.write(a, CS + 5000, new)                    # inside block 1 of chunk 1
     assert written == [BS] and reads == []           # one block; no whole-chunk read
