@@ -419,7 +419,7 @@ async def test_unexpected_exception_becomes_eio(ops, monkeypatch, caplog):
     def boom(*a, **k):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ops.pool, "fetch", boom)      # the read, in a worker thread
+    monkeypatch.setattr(ops.pool, "read", boom)
     assert await fuse_errno(ops.read(fi.fh, 0, 10)) == errno.EIO
     assert "boom" in caplog.text
 

@@ -73,7 +73,6 @@ class ChunkStore:
         self.punched: set[int] = set()
         self.can_punch = True
         self.can_allocate = True
-        self.can_nowait = True
         self.unsynced = False   # written since the last data sync began
         # Slots reserved (to be written whole) since the last take_fresh; None: not kept
         # (only a daemon paces writeback).
@@ -109,35 +108,14 @@ class ChunkStore:
         if self.fresh is not None:
             self.fresh += slots
 
-    def read_at(self, pos: int, size: int, nowait: bool = False) -> bytes | bytearray:
-        """``size`` bytes at data-file position ``pos`` (zeros past its end). ``nowait``:
-        only from the page cache (else BlockingIOError), see ``readinto_at``."""
-        if nowait:
-            buf = bytearray(size)
-            self.readinto_at(pos, memoryview(buf), nowait=True)
-            return buf
+    def read_at(self, pos: int, size: int) -> bytes:
+        """``size`` bytes at data-file position ``pos`` (zeros past its end)."""
         data = os.pread(self.fd, size, pos)
         return data if len(data) == size else data + bytes(size - len(data))
 
-    def readinto_at(self, pos: int, buf: memoryview, nowait: bool = False) -> None:
-        """Fill ``buf`` from data-file position ``pos``; past its end ``buf`` is zeroed.
-        ``nowait`` (RWF_NOWAIT): BlockingIOError unless all of it is in the page cache,
-        so the event loop can read what costs no disk wait and leave the rest to a
-        worker thread."""
-        if nowait:
-            if not self.can_nowait:
-                raise BlockingIOError(errno.EAGAIN, "no RWF_NOWAIT here")
-            try:
-                n = os.preadv(self.fd, [buf], pos, os.RWF_NOWAIT)   # EAGAIN: BlockingIOError
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self.can_nowait = False     # the backing filesystem has no RWF_NOWAIT
-                raise BlockingIOError(errno.EAGAIN, "no RWF_NOWAIT here") from None
-            if n < len(buf) and pos + n < self.eof:
-                raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
-        else:
-            n = os.preadv(self.fd, [buf], pos)
+    def readinto_at(self, pos: int, buf: memoryview) -> None:
+        """Fill ``buf`` from data-file position ``pos``; past its end ``buf`` is zeroed."""
+        n = os.preadv(self.fd, [buf], pos)
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
 

@@ -76,15 +76,6 @@ class Damage:
         return len(self.logged)
 
 
-class ReadPlan:
-    """Where a read's bytes are: runs [buffer position, data-file position, length] (the
-    rest is holes) and the slots they read (pinned while a worker reads them)."""
-    __slots__ = ("off", "size", "runs", "slots")
-
-    def __init__(self, off: int, size: int, runs: list[list[int]], slots):
-        self.off, self.size, self.runs, self.slots = off, size, runs, slots
-
-
 class DataPath:
     def __init__(self, meta: Metadata, space: Space, store: ChunkStore):
         self.meta = meta
@@ -100,21 +91,20 @@ class DataPath:
         self.damage = Damage()
 
     # ------------------------------------------------------------ reads
-    def plan_read(self, vd: VDisk, off: int, size: int) -> "ReadPlan | None":
-        """Where bytes [off, off + size) of the VDisk's address space are (the caller
-        clips to its size): None if all holes."""
+    def read(self, vd: VDisk, off: int, size: int) -> bytes | bytearray:
+        """Bytes [off, off + size) of the VDisk's address space (the caller clips to its
+        size), every block verified."""
         cs, pe = self.cs, self.pe
         partial = self.meta.partial
         cidx, coff = divmod(off, cs)
         if coff + size <= cs:                       # within one chunk (small reads)
             slot = self.meta.slot_of(vd, cidx)
             if not slot:
-                return None
+                return bytes(size)
             if slot not in partial:
-                return ReadPlan(off, size, [[0, slot * cs + coff, size]], (slot,))
+                return self._read_run(vd, off, slot * cs + coff, size)
         ptab, pages = vd.ptab, self.meta.pages
         runs = []   # [buffer position, data-file position, length]: consecutive merged
-        slots = []
         pos = 0
         while pos < size:
             cidx, coff = divmod(off + pos, cs)
@@ -126,7 +116,6 @@ class DataPath:
                 for src, soff, ln in (self._sources(slot, coff, n) if slot in partial
                                       else ((slot, coff, n),)):
                     at = src * cs + soff
-                    slots.append(src)
                     last = runs[-1] if runs else None
                     if last and last[0] + last[2] == pos and last[1] + last[2] == at:
                         last[2] += ln
@@ -135,66 +124,39 @@ class DataPath:
                     pos += ln
             else:
                 pos += n
-        return ReadPlan(off, size, runs, slots) if runs else None
-
-    def read(self, vd: VDisk, off: int, size: int) -> bytes | bytearray:
-        """Bytes [off, off + size) of the VDisk's address space (the caller clips to its
-        size), every block verified."""
-        plan = self.plan_read(vd, off, size)
-        return bytes(size) if plan is None else self.fetch(plan, vd)
-
-    def fetch(self, plan: "ReadPlan", vd: VDisk | None = None,
-              nowait: bool = False) -> bytes | bytearray | None:
-        """Read a plan's bytes and check every block. With the VDisk (on the engine's
-        thread) a mismatch is handled (EIO, or a torn block accepted: ``_verify``);
-        without it (a worker thread, while the engine goes on) nothing is changed and
-        any mismatch gives None: the caller reads again on the engine's thread, where
-        a block written or freed meanwhile reads as it is now. ``nowait``: from the page
-        cache only, else BlockingIOError (chunkstore.ChunkStore.readinto_at)."""
-        off, size, runs = plan.off, plan.size, plan.runs
         if len(runs) == 1 and runs[0][2] == size:
             # One run (most requests): one pread, no zero-filled buffer to fill.
-            return self._read_run(vd, off, runs[0][1], size, nowait)
+            return self._read_run(vd, off, runs[0][1], size)
         out = bytearray(size)
         mv = memoryview(out)
         for pos, at, n in runs:
             if at % BLOCK or n % BLOCK:
-                piece = self._read_run(vd, off + pos, at, n, nowait)
-                if piece is None:
-                    return None
-                mv[pos:pos + n] = piece
+                mv[pos:pos + n] = self._read_run(vd, off + pos, at, n)
             else:
-                self.store.readinto_at(at, mv[pos:pos + n], nowait)
-                if not self._verify(vd, off + pos, at // BLOCK, mv[pos:pos + n]):
-                    return None
+                self.store.readinto_at(at, mv[pos:pos + n])
+                self._verify(vd, off + pos, at // BLOCK, mv[pos:pos + n])
         return out
 
-    def _read_run(self, vd: VDisk | None, voff: int, at: int, n: int,
-                  nowait: bool = False) -> bytes | bytearray | None:
+    def _read_run(self, vd: VDisk, voff: int, at: int, n: int) -> bytes:
         """``n`` verified bytes at data-file position ``at``, which holds VDisk byte
-        ``voff``: whole blocks are read and checked, the range is cut out of them
-        (None: a mismatch, without ``vd``)."""
+        ``voff``: whole blocks are read and checked, the range is cut out of them."""
         start, end = at // BLOCK * BLOCK, -(-(at + n) // BLOCK) * BLOCK
-        data = self.store.read_at(start, end - start, nowait)
-        if not self._verify(vd, voff - (at - start), start // BLOCK, memoryview(data)):
-            return None
+        data = self.store.read_at(start, end - start)
+        self._verify(vd, voff - (at - start), start // BLOCK, memoryview(data))
         return data if (start, end) == (at, at + n) else data[at - start:at - start + n]
 
-    def _verify(self, vd: VDisk | None, voff: int, g0: int, view: memoryview) -> bool:
+    def _verify(self, vd: VDisk, voff: int, g0: int, view: memoryview) -> None:
         """Check the blocks of ``view`` (data-file blocks from ``g0``, VDisk bytes from
-        ``voff``) against their sums: EIO for a damaged one; without ``vd``, False for
-        any mismatch (and nothing counted or accepted)."""
+        ``voff``) against their sums: EIO for a damaged one."""
         if not self.verify:
-            return True
+            return
         n = len(view) // BLOCK
         sums = self.store.sums(g0, n)
         if n == 1 and checksum.sum_of(view) == sums[0]:        # the common 4K read
-            return True
+            return
         bad = checksum.mismatches(view, sums)
         if not bad:
-            return True
-        if vd is None:
-            return False
+            return
         failed = False
         for i in bad:
             g = g0 + i
@@ -206,7 +168,6 @@ class DataPath:
                 failed = True
         if failed:
             raise VDiskError(errno.EIO, f"checksum mismatch in VDisk {vd.name or vd.vid}")
-        return True
 
     def read_chunk(self, vd: VDisk, cidx: int) -> bytearray:
         """Chunk ``cidx``'s whole contents, verified (partial slots merged with their base)."""

@@ -33,7 +33,7 @@ from . import checksum, codec, journal as journal_mod, layout, names, props
 from .chunkstore import ChunkStore
 from .clones import Clones
 from .commit import FAILED, Commit, Commits, FailStop, Transactions
-from .datapath import DataPath, ReadPlan
+from .datapath import DataPath
 from .errors import FormatError, PoolBusy, StoreFailed, VDiskError
 from .meta import Metadata, VDisk
 from .space import Space
@@ -443,29 +443,6 @@ class Pool:
         if off >= vd.size or size <= 0:
             return b""
         return self.data.read(vd, off, min(size, vd.size - off))
-
-    def plan_read(self, vd: VDisk, off: int, size: int) -> "ReadPlan | bytes":
-        """A read to do off the engine's thread (``fetch``), its slots pinned until
-        ``done_reading``; or its bytes when there is nothing to read (holes, past the
-        end)."""
-        self.io_count += 1
-        if off >= vd.size or size <= 0:
-            return b""
-        size = min(size, vd.size - off)
-        plan = self.data.plan_read(vd, off, size)
-        if plan is None:
-            return bytes(size)
-        self.space.pin(plan.slots)
-        return plan
-
-    def fetch(self, plan: "ReadPlan", nowait: bool = False) -> bytes | bytearray | None:
-        """Any thread: the plan's bytes, or None if a block did not match its sum (read
-        again with ``read`` on the engine's thread: damage, or a block changed meanwhile).
-        ``nowait``: from the page cache only, else BlockingIOError."""
-        return self.data.fetch(plan, nowait=nowait)
-
-    def done_reading(self, plan: "ReadPlan") -> None:
-        self.space.unpin(plan.slots)
 
     def write(self, vd: VDisk, off: int, data) -> int:
         self.io_count += 1

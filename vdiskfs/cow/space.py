@@ -61,9 +61,6 @@ class Space(Drops):
         self._held: list[int] = []         # popped off the heap while being punched
         # Slots written (or born) since the last cooling pass: the others may go cold.
         self.written = bytearray(len(meta.slot_ref))
-        # Slots a read off the engine's thread is reading (slot -> readers): freed, they
-        # are neither punched nor reused until it is done.
-        self.pinned: dict[int, int] = {}
         meta.drops = self
 
     # ------------------------------------------------------------ allocation
@@ -143,29 +140,10 @@ class Space(Drops):
     def punches_pending(self) -> bool:
         return bool(self.unpunched or self.punching)
 
-    # ------------------------------------------------------------ reads in flight
-    def pin(self, slots) -> None:
-        pinned = self.pinned
-        for s in slots:
-            pinned[s] = pinned.get(s, 0) + 1
-
-    def unpin(self, slots) -> None:
-        pinned = self.pinned
-        for s in slots:
-            n = pinned[s] - 1
-            if n:
-                pinned[s] = n
-            else:
-                del pinned[s]
-
     # ------------------------------------------------------------ commits
     def begin_commit(self) -> Token:
-        slots, kept = self.freed_slots, []
-        if self.pinned:       # still being read: freed by a later commit
-            kept = [s for s in slots if s in self.pinned]
-            slots = [s for s in slots if s not in self.pinned]
-        t = Token(slots, self.freed_pids, self.unstable_slots, self.unstable_pages)
-        self.freed_slots, self.freed_pids = kept, []
+        t = Token(self.freed_slots, self.freed_pids, self.unstable_slots, self.unstable_pages)
+        self.freed_slots, self.freed_pids = [], []
         self.unstable_slots, self.unstable_pages = set(), set()
         self.inflight.append(t)
         return t

@@ -43,7 +43,6 @@ CTL_READABLE = (b"status", b"jobs", b"scrub")   # a snapshot made at open
 CTL_INODES = {ino: (name, mode) for name, (ino, mode) in CTL_FILES.items()}
 SETID = stat.S_ISUID | stat.S_ISGID   # never on a VDisk (see fs/killpriv.py)
 ENTRY_TIMEOUT = 1.0
-IO_THREADS = 16            # reads of chunk data in flight at once, in worker threads
 SEEK_WRITEBACK_ROUNDS = 8  # then the whole VDisk is written back (lseek)
 RELEASE_GRACE = 1.0     # seconds an unlink waits for the release of a just-closed VDisk
 ATTR_TIMEOUT = 1.0
@@ -94,7 +93,6 @@ class Operations(pyfuse3.Operations):
         self.next_fh = 1
         self.lookups: dict[int, int] = {}   # vid -> kernel lookup count
         self.invalidate_range: Callable[[int, int, int], None] | None = None
-        self.io = trio.CapacityLimiter(IO_THREADS)
         self.uid = os.getuid()
         self.gid = os.getgid()
 
@@ -423,22 +421,7 @@ class Operations(pyfuse3.Operations):
         h = self.handles[fh]
         if h.vd is None:
             return h.data[off:off + size]
-        # What is in the page cache is read here (RWF_NOWAIT: no thread hop); a read that
-        # would wait for the disk runs in a worker thread, so that concurrent requests
-        # overlap their waits. The map is looked up here and its slots pinned meanwhile.
-        plan = self.pool.plan_read(h.vd, off, size)
-        if isinstance(plan, bytes):
-            return plan
-        try:
-            try:
-                data = self.pool.fetch(plan, nowait=True)
-            except BlockingIOError:
-                data = await trio.to_thread.run_sync(self.pool.fetch, plan, limiter=self.io)
-        finally:
-            self.pool.done_reading(plan)
-        if data is None:    # a mismatch: damage (EIO, counted), or a block changed since
-            data = self.pool.read(h.vd, off, size)
-        return data
+        return self.pool.read(h.vd, off, size)
 
     @handler
     async def write(self, fh, off, buf):
