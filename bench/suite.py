@@ -25,6 +25,7 @@ class Suite:
         self.data = RandomData()
         self.have = {t: shutil.which(t) is not None for t in TOOLS}
         self.targets: dict[str, str] = {}   # target -> directory where its files go
+        self.pids: dict[str, int] = {}      # the Python daemons' pids (CPU per request)
         self.main_pool = os.path.join(workdir, "pool-main")
         self.main_mnt = os.path.join(workdir, "vd")
 
@@ -82,10 +83,11 @@ class Suite:
             self.res.info["bindfs_mount"] = how
         else:
             self.res.info["bindfs_mount"] = "bindfs not installed (make bench installs it)"
-        st.enter_context(mounts.passthrough_mount(self.p("pt-src"), self.p("pt"),
-                                                  self.p("pt.log")))
+        self.pids["pyfloor"] = st.enter_context(mounts.passthrough_mount(
+            self.p("pt-src"), self.p("pt"), self.p("pt.log")))
         self.targets["pyfloor"] = self.p("pt")
-        st.enter_context(self.vdiskfs_mount(self.main_pool, self.main_mnt))
+        self.pids["vdiskfs"] = st.enter_context(
+            self.vdiskfs_mount(self.main_pool, self.main_mnt)).pid
         self.targets["vdiskfs"] = self.main_mnt
         self.res.info["read_ahead_kb"] = {t: read_ahead_kb(d) for t, d in self.targets.items()
                                           if t != "native"}

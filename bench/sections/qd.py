@@ -27,18 +27,32 @@ def qd_fids(prefix: str) -> list[str]:
         [f"{prefix}_scaling_{rw}" for rw in RWS]
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def depth_runs(s: Suite, prefix: str, paths: dict[str, str], size: int) -> None:
     """fio over RWS x DEPTHS on each target's file, targets interleaved per rep; then the
-    scaling figure (IOPS at iodepth 16 / at 1) from each rep's own pair."""
+    scaling figure (IOPS at iodepth 16 / at 1) from each rep's own pair. For the Python
+    daemons (vdiskfs, pyfloor) of the plain-file runs: their CPU time per request."""
     for r in range(s.cfg.reps):
         got: dict[tuple[str, str, int], float] = {}
         for rw in RWS:
             for d in DEPTHS:
                 for t in s.rotated(r):
+                    pid = s.pids.get(t) if prefix == "qd" else None
+                    c0 = cpu_seconds(pid) if pid else 0.0
                     v = fio_record(s.res, f"{prefix}_{rw}_d{d}", t, paths[t], rw, 1, size,
                                    runtime=s.cfg.fio_runtime, engine="libaio", iodepth=d)
                     if v is not None:
                         got[(rw, t, d)] = v
+                        if pid and d in (1, DEPTHS[-1]):
+                            # per fio request; for writes v includes the closing fsync
+                            s.res.add(f"qd_cpu_{rw}_d{d}", t, (cpu_seconds(pid) - c0)
+                                      / (v * s.cfg.fio_runtime) * 1e6)
         for rw in RWS:
             for t in s.targets:
                 if (rw, t, 1) in got and (rw, t, DEPTHS[-1]) in got:
@@ -74,6 +88,10 @@ def _measure(s: Suite) -> None:
     depth_runs(s, "qd", paths, size)
     for t in s.targets:
         s.removed(t, "qd")
+    for fid in [f"qd_cpu_{rw}_d{d}" for rw in RWS for d in (1, DEPTHS[-1])]:
+        s.res.note(fid, "utime+stime of the daemon process (vdiskfs, pyfloor) over the qd "
+                   "run / its requests (IOPS x runtime; for writes the IOPS include the "
+                   "fsync after fio), microseconds")
     for fid in qd_fids("qd"):
         s.res.note(fid, f"fio libaio O_DIRECT on a {size // MiB} MiB file of random data, "
                    f"{rt} s runs, caches dropped before each; write IOPS incl. an fsync "
