@@ -498,6 +498,36 @@ def test_deferred_punches_free_space_later_and_reuse_first(pool):
         p.close()
 
 
+def test_space_a_crash_left_unpunched_comes_back_after_the_next_open(pool):
+    """kill -9 after deletes were committed but before the daemon's puncher ran: the next
+    open punches the data file past the highest slot in use at once, and every free slot
+    below it again (by the puncher, or at close), so the space is not held for ever."""
+    pool.defer_punches()
+    low = pool.create("LOW", 0)
+    pool.write(low, 0, pattern(8 * CS, 16))          # the lowest slots
+    keep = pool.create("KEEP", 0)
+    pool.write(keep, 0, pattern(2 * CS, 17))
+    top = pool.create("TOP", 0)
+    pool.write(top, 0, pattern(8 * CS, 18))          # the highest slots
+    pool.sync()
+    full = data_blocks(pool)
+    for vd in (low, top):
+        pool.unlink(vd)
+        pool.forget(vd)
+    pool.sync()
+    assert data_blocks(pool) == full                 # the punches were still owed
+    p = reopen_after_crash(pool)
+    try:
+        assert data_blocks(p) * 512 <= full * 512 - 8 * CS      # the tail at once
+        assert len(p.space.unpunched) == 8                      # LOW's, for the puncher
+        p.punch_all()
+        assert data_blocks(p) * 512 <= 3 * CS, data_blocks(p)
+        assert read_all(p, p.lookup("KEEP")) == pattern(2 * CS, 17)
+        check(p)
+    finally:
+        p.close()
+
+
 def test_a_failed_punch_gives_its_slots_back(pool):
     pool.defer_punches()
     vd = pool.create("A", 0)

@@ -253,6 +253,19 @@ class ChunkStore:
                             sync=True) from None
             self.punched.update(range(first, first + count))
 
+    def release_tail(self, first: int) -> None:
+        """Give back the space of the data file from slot ``first`` (the high-water mark:
+        no slot there is in use) to its end. A failure costs space, not data: logged."""
+        start = first * self.chunk_size
+        if not self.can_punch or self.eof <= start:
+            return
+        try:
+            fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start,
+                      self.eof - start)
+        except OSError as e:
+            log.warning("could not give back the data file's space past slot %d: %s",
+                        first, e)
+
     def file_size(self) -> int:
         return os.fstat(self.fd).st_size
 

@@ -95,6 +95,13 @@ class Pool:
             self._check_files()
             if not readonly:
                 self._recover()
+                # A crash between a commit and the punch of what it freed leaves free
+                # slots holding space (a daemon defers punches until I/O pauses): the
+                # data file past the highest slot in use is punched now, and every free
+                # slot below it again (a hole costs little to punch twice), by the
+                # daemon's puncher or at close.
+                self.store.release_tail(self.space.next_slot)
+                self.space.unpunched.update(self.space.free_slots)
         except BaseException:
             self.close(commit=False)
             raise
