@@ -59,6 +59,7 @@ class Space(Drops):
         self.unpunched: set[int] = set()   # free, reusable, space maybe still held
         self.punching: set[int] = set()    # lent to a punch in progress: not allocatable
         self._held: list[int] = []         # popped off the heap while being punched
+        self._queue: list[int] = []        # unpunched slots, sorted, largest first
         # Slots written (or born) since the last cooling pass: the others may go cold.
         self.written = bytearray(len(meta.slot_ref))
         meta.drops = self
@@ -159,9 +160,20 @@ class Space(Drops):
 
     # ------------------------------------------------------------ deferred punches
     def take_punch(self, limit: int) -> list[int]:
-        """Up to ``limit`` unpunched free slots (ascending), lent to a punch."""
-        slots = sorted(self.unpunched)[:limit] if len(self.unpunched) > limit \
-            else sorted(self.unpunched)
+        """Up to ``limit`` unpunched free slots (ascending, so that runs punch in one
+        call), lent to a punch. The set is sorted once per pass over it, not per batch:
+        a slot freed meanwhile waits for the next pass, one reused is skipped."""
+        slots: list[int] = []
+        for _ in range(2):
+            if not self._queue:
+                self._queue = sorted(self.unpunched, reverse=True)
+            queue, unpunched = self._queue, self.unpunched
+            while queue and len(slots) < limit:
+                s = queue.pop()
+                if s in unpunched:
+                    slots.append(s)
+            if slots or not unpunched:
+                break
         self.unpunched.difference_update(slots)
         self.punching.update(slots)
         return slots
