@@ -35,6 +35,27 @@ _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
 SYNC_FILE_RANGE_WRITE = 2    # start writeback, wait for nothing
 
 
+IOV_MAX = 1024               # buffers per writev(2) (Linux's limit)
+
+
+def write_all(fd: int, views: list, pos: int | None = None) -> int:
+    """Write the buffers back to back at ``pos`` (None: at the file's offset), however
+    short each writev is; returns the bytes written. OSError as the call raised it."""
+    total = 0
+    while views:
+        head = views if len(views) <= IOV_MAX else views[:IOV_MAX]
+        n = os.writev(fd, head) if pos is None else os.pwritev(fd, head, pos + total)
+        total += n
+        i = 0
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        views = views[i:]
+        if n:
+            views[0] = views[0][n:]
+    return total
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2); OSError on failure (EOPNOTSUPP where the filesystem has none)."""
     if _libc.fallocate(fd, mode, offset, length) != 0:
@@ -132,14 +153,7 @@ class ChunkStore:
         a run of consecutive slots)."""
         self.unsynced = True
         try:
-            while views:
-                n = os.pwritev(self.fd, views, pos)
-                pos += n
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views = views[1:]
-                if n:
-                    views = [views[0][n:]] + views[1:]
+            pos += write_all(self.fd, views, pos)
         except OSError as e:
             # Even a failed write may have grown the file: bytes below EOF are not zeros.
             self.eof = max(self.eof, os.fstat(self.fd).st_size)

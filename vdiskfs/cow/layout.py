@@ -8,6 +8,7 @@ import time
 import uuid
 
 from . import codec
+from .chunkstore import write_all
 from .errors import fatal
 
 HEADER = "vdiskfs-pool"
@@ -23,7 +24,6 @@ JOURNAL_PREV = "journal.prev"
 MIRROR = ".mirror"                    # every journal has a copy (cow/journal.py)
 LOG = "daemon.log"
 
-IOV_MAX = 1024                        # buffers per writev(2) (Linux's limit)
 DEFAULT_CHUNK_SIZE = 256 * 1024   # chosen by bench/chunksize.py: see docs/ARCHITECTURE.md
 MIN_CHUNK_SIZE = 4096
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
@@ -105,14 +105,7 @@ def write_tmp(pool_dir: str, name: str, data: bytes | list) -> str:
     tmp = os.path.join(pool_dir, name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        views = [memoryview(p) for p in ([data] if isinstance(data, bytes) else data) if p]
-        while views:
-            n = os.writev(fd, views[:IOV_MAX])
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if n:
-                views[0] = views[0][n:]
+        write_all(fd, [memoryview(p) for p in ([data] if isinstance(data, bytes) else data)])
         try:
             os.fsync(fd)
         except OSError as e:

@@ -24,10 +24,12 @@ will change (``Clones.guard``), grows the VDisk, and applies the ops that
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
 
 from . import checksum, codec, journal as journal_mod, layout, names, props
 from .chunkstore import ChunkStore
@@ -101,7 +103,7 @@ class Pool:
                 # slot below it again (a hole costs little to punch twice), by the
                 # daemon's puncher or at close.
                 self.store.release_tail(self.space.next_slot)
-                self.space.unpunched.update(self.space.free_slots)
+                self.space.owe_punches()
         except BaseException:
             self.close(commit=False)
             raise
@@ -676,16 +678,26 @@ class Pool:
     def punch_done(self, slots: list[int], ok: bool = True) -> None:
         self.space.punch_done(slots, ok)
 
+    @contextlib.contextmanager
+    def punch_batch(self, limit: int = PUNCH_BATCH) -> Iterator[list[int]]:
+        """``with pool.punch_batch() as slots:`` lends up to ``limit`` slots that still
+        owe a punch ([]: none) and gives them back when the block ends: punched, or
+        owing it again if the block raised."""
+        slots = self.take_punch(limit)
+        ok = False
+        try:
+            yield slots
+            ok = True
+        finally:
+            self.punch_done(slots, ok)
+
     def punch_all(self) -> None:
-        """Blocking: punch every slot a deferred punch still owes, then punch at once."""
-        self.commits.defer_punch = False
-        while slots := self.space.take_punch(PUNCH_BATCH):
-            ok = False
-            try:
+        """Blocking: punch every slot a deferred punch still owes."""
+        while True:
+            with self.punch_batch() as slots:
+                if not slots:
+                    return
                 self.punch(slots)
-                ok = True
-            finally:
-                self.punch_done(slots, ok)
 
     def checkpoint(self) -> None:
         self.commits.run(checkpoint=True)
@@ -698,6 +710,7 @@ class Pool:
             # durable before the failure.
             if commit and not self.readonly and self.store is not None and not self.failed:
                 self.cool(everything=True)
+                self.commits.defer_punch = False     # the checkpoint punches what it frees
                 self.punch_all()
                 self.checkpoint()
         finally:

@@ -178,6 +178,10 @@ class Space(Drops):
         self.punching.update(slots)
         return slots
 
+    def owe_punches(self) -> None:
+        """Every free slot owes a punch (at open: a crash may have left some unpunched)."""
+        self.unpunched.update(self.free_slots)
+
     def punch_done(self, slots: list[int], ok: bool = True) -> None:
         """The punch of ``slots`` ended (``ok``: their space is back; otherwise they go
         back to the unpunched set): they are allocatable again."""

@@ -16,14 +16,10 @@ VDisk change at once, as before.
 
 from __future__ import annotations
 
-import logging
-
 import trio
 
 from ..cow.errors import StoreFailed
 from ..cow.pool import Pool
-
-log = logging.getLogger(__name__)
 
 QUIET = 0.05        # seconds without a data request that count as a pause
 MAX_DEFER = 5.0     # seconds a punch waits for a pause before it goes ahead anyway
@@ -72,14 +68,9 @@ class Puncher:
     async def _batch(self) -> None:
         pool = self.pool
         async with self._lock:
-            slots = pool.take_punch()
-            if not slots:
-                return
-            ok = False
             try:
-                await trio.to_thread.run_sync(pool.punch, slots)
-                ok = True
+                with pool.punch_batch() as slots:
+                    if slots:
+                        await trio.to_thread.run_sync(pool.punch, slots)
             except StoreFailed as e:
                 pool.failstop.fail(e)
-            finally:
-                pool.punch_done(slots, ok)
