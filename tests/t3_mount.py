@@ -110,7 +110,7 @@ def test_second_mount_of_same_pool_is_refused(mount, tmp_path):
     other.mkdir()
     write_file(mount.path("FOO"), b"still here")
     proc = vdiskfs("mount", mount.pool, str(other), check=False, timeout=60)
-    line = assert_user_error(proc, "in use")
+    line = assert_user_error(proc, "already mounted at", mount.mnt, "vdiskfs umount")
     assert mount.pool in line or os.path.basename(mount.pool) in line, line
     assert not is_mounted(str(other))
     # The first mount is untouched.

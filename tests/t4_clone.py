@@ -188,12 +188,13 @@ def assert_ok(proc: subprocess.CompletedProcess) -> str:
 def test_ctl_files_exist_with_modes(mount):
     ctl_dir = os.path.join(mount.mnt, ".ctl")
     assert os.path.isdir(ctl_dir)
-    assert sorted(os.listdir(ctl_dir)) == ["clone", "jobs", "scrub", "status"]
-    modes = {n: os.stat(ctl_path(mount.mnt, n)).st_mode for n in ("clone", "status", "jobs")}
+    assert sorted(os.listdir(ctl_dir)) == ["clone", "jobs", "scrub", "status", "vdisks"]
+    modes = {n: os.stat(ctl_path(mount.mnt, n)).st_mode
+             for n in ("clone", "status", "jobs", "vdisks")}
     for name, mode in modes.items():
         assert (mode & 0o170000) == 0o100000, f"{name} is not a regular file: {oct(mode)}"
     assert {n: m & 0o7777 for n, m in modes.items()} == \
-        {"clone": 0o200, "status": 0o444, "jobs": 0o444}
+        {"clone": 0o200, "status": 0o444, "jobs": 0o444, "vdisks": 0o444}
     # Contents are made when read: nothing cloned yet, just the header lines.
     assert read_ctl(mount.mnt).splitlines() == [" ".join(HEADER)]
     assert read_ctl(mount.mnt, "jobs").split() == HEADER + ["Elapsed", "Shared"]
@@ -277,8 +278,11 @@ def test_command_errnos(mount):
         ("-s FOO -s BAR -d BAZ", errno.EINVAL), ("-x FOO", errno.EINVAL),
         ("-c", errno.EINVAL), ("cancel", errno.EINVAL), ("cancel FOO BAR", errno.EINVAL),
         ("purge FOO BAR", errno.EINVAL),
-        # two words are SRC DST, keywords or not: no VDisk named "purge"
-        ("purge FOO", errno.ENOENT),
+        # a first word purge/cancel is the keyword: extra words are EINVAL
+        ("purge FOO", errno.EINVAL), ("purge now", errno.EINVAL), ("-p -p", errno.EINVAL),
+        ("-s FOO -c -c", errno.EINVAL),
+        # the word after -s/-d is a name, even "-s" (no such VDisk here)
+        ("-s -s -d BAR", errno.ENOENT), ("-s -d -d EXIST", errno.ENOENT),
         # cancel with nothing in progress (or no such VDisk)
         ("cancel FOO", errno.ENOENT), ("-s FOO -c", errno.ENOENT), ("cancel NOPE", errno.ENOENT),
         ("-c -s FOO", errno.ENOENT),

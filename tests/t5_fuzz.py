@@ -165,8 +165,8 @@ def _grammar(words: list[str]) -> tuple[str, str | None, str | None] | int:
         i = 0
         while i < len(words):
             w = words[i]
-            if w in ("-s", "-d"):
-                if i + 1 == len(words) or words[i + 1].startswith("-"):
+            if w in ("-s", "-d"):      # the next word is a name, whatever it is
+                if i + 1 == len(words):
                     return errno.EINVAL
                 if (src if w == "-s" else dst) is not None:
                     return errno.EINVAL
@@ -176,11 +176,11 @@ def _grammar(words: list[str]) -> tuple[str, str | None, str | None] | int:
                     dst = words[i + 1]
                 i += 2
                 continue
-            if w == "-c":
+            if w == "-c" and not cancel:
                 cancel = True
-            elif w == "-p":
+            elif w == "-p" and not purge:
                 purge = True
-            else:
+            else:                      # unknown, or given twice
                 return errno.EINVAL
             i += 1
         if purge and not (cancel or src or dst):
@@ -191,9 +191,13 @@ def _grammar(words: list[str]) -> tuple[str, str | None, str | None] | int:
             cmd = ("start", src, dst)
         else:
             return errno.EINVAL
-    elif words == ["purge"]:
+    elif words[0] == "purge":          # the keywords take exactly their arguments
+        if len(words) != 1:
+            return errno.EINVAL
         cmd = ("purge", None, None)
-    elif len(words) == 2 and words[0] == "cancel":
+    elif words[0] == "cancel":
+        if len(words) != 2:
+            return errno.EINVAL
         cmd = ("cancel", words[1], None)
     elif len(words) == 2:
         cmd = ("start", words[0], words[1])
@@ -374,6 +378,10 @@ def test_ctl_clone_garbage(checked, data, flags):
 @example(data=b"SRC .ctl\n")
 @example(data=b"SRC " + b"N" * 65 + b"\n")
 @example(data=b"SRC SRC\n")
+@example(data=b"purge now\n")
+@example(data=b"-p -p\n")
+@example(data=b"cancel\n")
+@example(data=b"-s -s -d NEW\n")
 def test_ctl_clone_grammar(checked, data):
     world = world_of(checked, CtlWorld)
     world.check(data)

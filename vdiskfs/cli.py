@@ -12,7 +12,9 @@ import fcntl
 import logging
 import os
 import re
+import shlex
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -34,11 +36,78 @@ def parse_size(text: str) -> int:
 
 
 # ---------------------------------------------------------------- mount / umount
+def check_pool_path(pool_dir: str) -> None:
+    if os.path.lexists(pool_dir) and not os.path.isdir(pool_dir):
+        raise UserError(f"pool {pool_dir} is not a directory (a pool is a directory; "
+                        "name a new or empty one to create a pool there)")
+    if not os.path.isdir(pool_dir) and not os.path.isdir(os.path.dirname(pool_dir)):
+        raise UserError(f"pool {pool_dir} does not exist, nor does its parent directory")
+    where = [m for p, m in vdiskfs_mounts() if p == pool_dir]
+    if where and layout.is_pool(pool_dir) and _lock_holder(pool_dir):
+        raise UserError(f"pool {pool_dir} is already mounted at {where[-1]} "
+                        f"(stop with: vdiskfs umount {shlex.quote(where[-1])})")
+
+
+def _lock_holder(pool_dir: str) -> int | None:
+    """The pid of the daemon holding the pool's lock, None if nobody holds it."""
+    try:
+        fd = os.open(os.path.join(pool_dir, layout.LOCK), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
+def check_mountpoint(mnt: str, nonempty: bool) -> None:
+    """Refuse a mount point that is not a directory, is a mount already, or holds files;
+    clean up a dead vdiskfs mount whose daemon is gone (its pool's lock is free)."""
+    mounted = [p for p, m in vdiskfs_mounts() if m == mnt]
+    if mounted and _lock_holder(mounted[-1]) is None:
+        # Its daemon was killed: the pool is free and the mount a corpse (which may still
+        # answer stat from the kernel's cache for a second). The next open of the pool
+        # replays its journal as after any crash.
+        proc = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
+        if proc.returncode:
+            raise UserError(f"mount point {mnt} is a dead vdiskfs mount and could not be "
+                            f"unmounted: {proc.stderr.strip()}")
+        print(f"vdiskfs: cleaned up the dead mount at {mnt} (its daemon was gone)",
+              file=sys.stderr)
+        mounted = [p for p, m in vdiskfs_mounts() if m == mnt]
+    try:
+        st = os.stat(mnt)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UserError(f"mount point {mnt} is a dead FUSE mount (Transport endpoint is "
+                            f"not connected): unmount it with fusermount3 -u -z "
+                            f"{shlex.quote(mnt)}") from None
+        raise UserError(f"mount point {mnt}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"mount point {mnt} is not a directory")
+    if mounted or os.path.ismount(mnt):
+        what = f"vdiskfs mount of {mounted[-1]}" if mounted else "mount point"
+        raise UserError(f"{mnt} is already a {what}: choose another directory"
+                        + (f" or stop it with: vdiskfs umount {shlex.quote(mnt)}"
+                           if mounted else ""))
+    if not nonempty and os.listdir(mnt):
+        raise UserError(f"mount point {mnt} is not empty: the mount would hide its files "
+                        "(--nonempty mounts over them anyway)")
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     pool_dir = os.path.abspath(args.pool)
     mnt = os.path.abspath(args.mountpoint)
-    if not os.path.isdir(mnt):
-        raise UserError(f"mount point {mnt} is not a directory")
+    check_pool_path(pool_dir)
+    check_mountpoint(mnt, args.nonempty)
+    if not os.path.isdir(pool_dir):
+        os.mkdir(pool_dir, 0o700)      # a new pool in a new directory
     if args.foreground:
         return _serve(pool_dir, mnt, args.chunk_size, args.debug, args.ready_fd,
                       args.clone_speed, not args.unsafe_no_data_sync, args.allow_other)
@@ -54,6 +123,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cmd.append("--unsafe-no-data-sync")
     if args.allow_other:
         cmd.append("--allow-other")
+    if args.nonempty:
+        cmd.append("--nonempty")
     if args.debug:
         cmd.append("--debug")
     child = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
@@ -66,7 +137,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         child.wait()
         raise UserError(msg or f"mount daemon exited with status {child.returncode}")
     print(f"vdiskfs: pool {pool_dir} mounted at {mnt} (daemon pid {child.pid}); "
-          f"stop with: vdiskfs umount {mnt}")
+          f"stop with: vdiskfs umount {shlex.quote(mnt)}")
     return 0
 
 
@@ -111,6 +182,15 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if pool is None:
         raise UserError(f"{mnt} is not a vdiskfs mount")
     lock = os.path.join(pool, layout.LOCK)
+    if _lock_holder(pool) is None:
+        # The daemon is gone (killed): what is left is a dead mount. Nothing of the
+        # pool is lost by dropping it; the next mount replays the journal.
+        proc = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
+        if proc.returncode:
+            raise UserError(proc.stderr.strip() or f"fusermount3 -u -z {mnt} failed")
+        print(f"vdiskfs: {mnt} was a dead mount (its daemon was gone): unmounted; the next "
+              f"mount of {pool} recovers it", file=sys.stderr)
+        return 0
     with open(lock) as f:
         pid = int(f.read().strip() or 0)
     from .ctl.users import describe, users
@@ -172,19 +252,137 @@ def wait_pool_released(lock: str, deadline: float) -> None:
 # ---------------------------------------------------------------- create / fsck
 def cmd_create(args: argparse.Namespace) -> int:
     from .cow import names
+    from .cow.pool import MAX_VDISK_SIZE
     if not names.valid(args.name):
         raise UserError(f"invalid VDisk name {args.name!r}: use 1-64 characters of "
                         "A-Z a-z 0-9 . _ - not starting with '.'")
-    path = os.path.join(find_mount(args.mount), args.name)
+    if args.size > MAX_VDISK_SIZE:
+        raise UserError(f"size {args.size} is too large: a VDisk holds at most "
+                        f"{human(MAX_VDISK_SIZE)} ({MAX_VDISK_SIZE} bytes)")
+    mnt = find_mount(args.mount)
+    path = os.path.join(mnt, args.name)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise UserError(f"VDisk {args.name} exists") from None
+    except OSError as e:
+        raise UserError(f"cannot create VDisk {args.name}: {e.strerror}") from None
     try:
         os.ftruncate(fd, args.size)
-    finally:
+    except OSError as e:
         os.close(fd)
-    print(f"created VDisk {args.name} of {args.size} bytes")
+        os.unlink(path)     # a failed create leaves nothing behind
+        raise UserError(f"cannot create VDisk {args.name} of {args.size} bytes: "
+                        f"{e.strerror}") from None
+    os.close(fd)
+    print(f"created VDisk {args.name} of {human(args.size)} ({args.size} bytes)")
+    pool = read_listing(mnt)["pool"]
+    if pool["provisioned"] > pool["backing_capacity"]:
+        print(f"vdiskfs: warning: the pool is overcommitted: VDisks of "
+              f"{human(pool['provisioned'])} on a backing filesystem of "
+              f"{human(pool['backing_capacity'])}; writes fail (ENOSPC) once it is full",
+              file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------- list / info
+COLUMNS = {"name": "NAME", "size": "SIZE", "allocated": "ALLOC", "unique": "UNIQUE",
+           "shared": "SHARED", "lba_size": "LBA", "serial": "SERIAL", "state": "STATE",
+           "errors": "ERRORS", "open": "OPEN"}
+DEFAULT_COLUMNS = "name,size,allocated,unique,shared,lba_size,serial,state"
+SIZES = ("size", "allocated", "unique", "shared")
+LISTING_FORMAT = 1
+
+
+def human(n: int) -> str:
+    """Bytes as ``zfs list`` shows them: 3 significant digits, binary units."""
+    for unit in ("", "K", "M", "G", "T", "P", "E"):
+        if n < 1024 or unit == "E":
+            break
+        n /= 1024
+    if unit == "":
+        return f"{n}B" if isinstance(n, int) else f"{n:.0f}B"
+    return f"{n:.3g}{unit}" if n < 1000 else f"{n:.0f}{unit}"
+
+
+def read_listing(mnt: str) -> dict:
+    """The daemon's ``.ctl/vdisks`` (ctl/listing.py)."""
+    import json
+    path = os.path.join(mnt, ".ctl", "vdisks")
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if doc.get("format") != LISTING_FORMAT:
+        raise UserError(f"{path} has format {doc.get('format')!r}, this vdiskfs reads "
+                        f"{LISTING_FORMAT}: the mount is served by another version")
+    return doc
+
+
+def _cell(v: dict, col: str, exact: bool) -> str:
+    value = v[col]
+    if col in SIZES and not exact:
+        return human(value)
+    if col == "state" and v.get("progress") is not None and v["state"] == "cloning":
+        return f"cloning {v['progress']}%"
+    return str(value)
+
+
+def pool_summary(pool: dict, exact: bool) -> list[str]:
+    h = (lambda n: str(n)) if exact else human
+    line = (f"pool {pool['path']}: {pool['vdisks']} VDisk(s), {h(pool['provisioned'])} "
+            f"provisioned, {h(pool['stored'])} stored, sharing saves {h(pool['saved'])}; "
+            f"{h(pool['used'])} used, backing filesystem {h(pool['backing_capacity'])} "
+            f"({pool['backing_percent']:.0f}% full, {h(pool['backing_avail'])} free)")
+    return [line] + [f"warning: {w}" for w in pool["warnings"]]
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import json
+    cols = [c.strip() for c in args.output.split(",") if c.strip()]
+    bad = [c for c in cols if c not in COLUMNS]
+    if bad or not cols:
+        raise UserError(f"unknown column(s) {', '.join(bad) or '(none)'}: choose from "
+                        f"{','.join(COLUMNS)}")
+    doc = read_listing(find_mount(args.mount))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    rows = [[COLUMNS[c] for c in cols]]
+    rows += [[_cell(v, c, args.bytes) for c in cols] for v in doc["vdisks"]]
+    if not args.no_headers or len(rows) > 1:
+        start = 1 if args.no_headers else 0
+        widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+        right = [c in SIZES or c in ("lba_size", "errors", "open") for c in cols]
+        for r in rows[start:]:
+            cells = [x.rjust(w) if rj else x.ljust(w) for x, w, rj in zip(r, widths, right)]
+            print("  ".join(cells).rstrip())
+    if not args.no_headers:
+        print("\n".join(pool_summary(doc["pool"], args.bytes)))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+    mnt = find_mount(args.mount)
+    doc = read_listing(mnt)
+    found = [v for v in doc["vdisks"] if v["name"] == args.name]
+    if not found:
+        raise UserError(f"no VDisk {args.name} in {mnt}")
+    v = dict(found[0], chunk_size=doc["pool"]["chunk_size"], pool=doc["pool"]["path"],
+             path=os.path.join(mnt, args.name))
+    if args.json:
+        print(json.dumps(v, indent=2))
+        return 0
+    state = _cell(v, "state", True)
+    print(f"VDisk: {v['name']}\nfile: {v['path']}")
+    for key in SIZES:
+        print(f"{key}: {human(v[key])} ({v[key]} bytes)")
+    print(f"lba_size: {v['lba_size']}\nserial: {v['serial']}\nstate: {state}\n"
+          f"checksum errors: {v['errors']}\nopen: {v['open']}\n"
+          f"modified: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v['mtime_ns'] / 1e9))}"
+          f"\nchunk size: {human(v['chunk_size'])}\npool: {v['pool']}")
     return 0
 
 
@@ -330,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--clone-speed", type=parse_size, default=0, metavar="BYTES",
                    help="limit each clone job to this much source data per second, "
                         "e.g. 64M (default: unlimited)")
+    m.add_argument("--nonempty", action="store_true",
+                   help="mount even over a directory that holds files (they are hidden "
+                        "until the unmount)")
     m.add_argument("--allow-other", action="store_true",
                    help="let other users reach the mount (file modes still apply; "
                         "see docs/RELIABILITY.md)")
@@ -356,6 +557,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mount", help="the vdiskfs mount (default: $VDISKFS_MOUNT or the only one)")
     c.set_defaults(func=cmd_create)
 
+    ls = sub.add_parser("list", help="list the VDisks of a mount and the pool's space",
+                        description="One row per VDisk: size, allocated, unique and shared "
+                        "bytes, lba_size, serial, state (ok, in use, cloning N%%, clone "
+                        "source, Error); then the pool's summary and its warnings.")
+    ls.add_argument("-o", "--output", default=DEFAULT_COLUMNS, metavar="COLUMNS",
+                    help=f"comma-separated columns (default {DEFAULT_COLUMNS}; also "
+                         "errors, open)")
+    ls.add_argument("-p", "--bytes", action="store_true", help="exact numbers of bytes")
+    ls.add_argument("-H", "--no-headers", action="store_true",
+                    help="rows only: no header line and no summary (for scripts)")
+    ls.add_argument("--json", action="store_true", help="everything as JSON (.ctl/vdisks)")
+    ls.add_argument("--mount", help="the vdiskfs mount (default: $VDISKFS_MOUNT or the only one)")
+    ls.set_defaults(func=cmd_list)
+
+    inf = sub.add_parser("info", help="show one VDisk (as qemu-img info)")
+    inf.add_argument("name")
+    inf.add_argument("--json", action="store_true", help="as JSON")
+    inf.add_argument("--mount", help="the vdiskfs mount (default: $VDISKFS_MOUNT or the only one)")
+    inf.set_defaults(func=cmd_info)
+
     cl = sub.add_parser("clone", help="clone VDisks, list and cancel clone jobs (= qclone)",
                         description="Clone VDisks (QUADStor qclone flags). Examples: "
                         "-s FOO -d BAR [-w] | -l [-e] [-p] | -s FOO -c | -p")
@@ -375,35 +596,76 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", action="store_true",
                    help="also read every block of data and check it against its checksum")
     f.set_defaults(func=cmd_fsck)
+    p.commands = tuple(sub.choices)   # type: ignore[attr-defined]   (main: mount.fuse3's calls)
     return p
 
 
+NAME_FLAGS = ("-s", "--source", "-d", "--dest")
+
+
+def glue_names(argv: list[str]) -> list[str]:
+    """The word after -s/-d is always a VDisk name, even one starting with "-" (a VDisk
+    may be named "-s"): glue it to its flag so argparse does not take it for one."""
+    out, i = [], 0
+    while i < len(argv):
+        w = argv[i]
+        if w == "--":
+            return out + argv[i:]
+        if w in NAME_FLAGS and i + 1 < len(argv):
+            out.append(f"{w}={argv[i + 1]}" if w.startswith("--") else w + argv[i + 1])
+            i += 2
+            continue
+        out.append(w)
+        i += 1
+    return out
+
+
 def add_clone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-s", dest="src", metavar="SRC", help="source VDisk")
-    p.add_argument("-d", dest="dst", metavar="DST", help="destination VDisk (new)")
-    p.add_argument("-c", dest="cancel", action="store_true",
+    p.add_argument("-s", "--source", dest="src", metavar="SRC",
+                   help="source VDisk (the next word is always taken as its name)")
+    p.add_argument("-d", "--dest", dest="dst", metavar="DST",
+                   help="destination VDisk, a new name")
+    p.add_argument("-c", "--cancel", dest="cancel", action="store_true",
                    help="cancel the clones in progress from SRC")
-    p.add_argument("-l", dest="list", action="store_true", help="list clone operations")
-    p.add_argument("-p", dest="purge", action="store_true",
+    p.add_argument("-l", "--list", dest="list", action="store_true",
+                   help="list clone operations")
+    p.add_argument("-p", "--purge", dest="purge", action="store_true",
                    help="purge finished operations (after listing, with -l)")
-    p.add_argument("-e", dest="extended", action="store_true",
+    p.add_argument("-e", "--extended", dest="extended", action="store_true",
                    help="with -l: add elapsed time and bytes shared")
     p.add_argument("-w", "--wait", action="store_true",
                    help="show progress and return when the clone ends")
     p.add_argument("--mount", help="the vdiskfs mount (default: $VDISKFS_MOUNT or the only one)")
 
 
-def qclone_main(argv: list[str] | None = None) -> int:
-    """``qclone``: the clone command under QUADStor's name, with the same flags."""
+def build_qclone_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qclone", description="Clone VDisks "
                                      "(vdiskfs clone, with QUADStor qclone flags).")
     add_clone_args(parser)
     parser.set_defaults(func=cmd_clone)
-    return _run(parser, argv)
+    return parser
+
+
+def qclone_main(argv: list[str] | None = None) -> int:
+    """``qclone``: the clone command under QUADStor's name, with the same flags."""
+    return _run(build_qclone_parser(), glue_names(sys.argv[1:] if argv is None else argv))
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _run(build_parser(), argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in parser.commands:
+        # mount(8) through mount.fuse3 runs ``vdiskfs POOL MNT -o OPTS`` (fstab, -t fuse.vdiskfs).
+        from .mounthelper import main as mount_helper
+        return mount_helper(argv)
+    if argv and argv[0] == "clone":
+        argv = argv[:1] + glue_names(argv[1:])
+    if argv and argv[0] == "create" and any(re.fullmatch(r"-\d.*", w) for w in argv[1:]):
+        # argparse would take "-5G" for an option and say the size is missing
+        print(f"vdiskfs: bad size {next(w for w in argv[1:] if re.match(r'-[0-9]', w))!r}: "
+              "a size cannot be negative", file=sys.stderr)
+        return 2
+    return _run(parser, argv)
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:

@@ -110,18 +110,22 @@ def wait(mnt: str, src: str, dst: str, out=sys.stdout, poll: float = 0.2) -> str
     """Follow the clone SRC -> DST until it ends; returns its final state."""
     tty = out.isatty()
     last = None
+    pct = 0      # the bar of a clone that ends Cancelled or Error stays where it got to
     while True:
         mine = [r for r in rows(mnt) if r[:2] == [src, dst]]
         if not mine:
             raise UserError(f"the clone of {src} to {dst} is no longer listed")
         state = mine[-1][2]
         if state != last:
-            if tty and state.endswith("%"):
-                pct = int(state[:-1])
+            if state.endswith("%"):
+                pct = max(pct, int(state[:-1]))
+            elif state == "Completed":
+                pct = 100
+            if tty:
                 bar = "#" * (pct * 40 // 100)
-                out.write(f"\r{src} -> {dst} [{bar:<40}] {state:>4}")
-            elif tty:
-                out.write(f"\r{src} -> {dst} [{'#' * 40}] {state}\n")
+                shown = state if state.endswith("%") else f"{pct}% {state}"
+                out.write(f"\r{src} -> {dst} [{bar:<40}] {shown:>4}"
+                          + ("" if state.endswith("%") else "\n"))
             else:
                 out.write(f"{src} -> {dst}: {state}\n")
             out.flush()

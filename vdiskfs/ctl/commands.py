@@ -4,9 +4,11 @@
     cancel SRC     | -s SRC -c         cancel the clones in progress from SRC
     purge          | -p                clear the rows of finished operations
 
-Words are separated by spaces or tabs. A VDisk literally named "cancel" or "purge" is
-cloned with the ``-s``/``-d`` spelling. Anything else (more than one line, other control
-characters, non-ASCII, unknown flags) is EINVAL.
+Words are separated by spaces or tabs. A first word ``cancel`` or ``purge`` is always the
+keyword, so a VDisk literally named so is cloned with the ``-s``/``-d`` spelling; the word
+after ``-s`` or ``-d`` is always a VDisk name, even one that starts with ``-``. Anything
+else (extra words, a flag given twice, more than one line, other control characters,
+non-ASCII, unknown flags) is EINVAL.
 """
 
 from __future__ import annotations
@@ -52,9 +54,13 @@ def parse(data: bytes) -> Command:
         raise _bad("empty command")
     if words[0].startswith("-"):
         cmd = _parse_flags(words)
-    elif words == ["purge"]:
+    elif words[0] == "purge":
+        if len(words) != 1:
+            raise _bad("purge takes no arguments")
         cmd = Command("purge")
-    elif len(words) == 2 and words[0] == "cancel":
+    elif words[0] == "cancel":
+        if len(words) != 2:
+            raise _bad("use: cancel SRC")
         cmd = Command("cancel", src=words[1])
     elif len(words) == 2:
         cmd = Command("start", src=words[0], dst=words[1])
@@ -72,8 +78,8 @@ def _parse_flags(words: list[str]) -> Command:
     it = iter(words)
     for w in it:
         if w in ("-s", "-d"):
-            value = next(it, None)
-            if value is None or value.startswith("-"):
+            value = next(it, None)    # always a name, "-s" included
+            if value is None:
                 raise _bad(f"{w} needs a VDisk name")
             if (src if w == "-s" else dst) is not None:
                 raise _bad(f"{w} given twice")
@@ -81,10 +87,12 @@ def _parse_flags(words: list[str]) -> Command:
                 src = value
             else:
                 dst = value
-        elif w == "-c":
+        elif w == "-c" and not cancel:
             cancel = True
-        elif w == "-p":
+        elif w == "-p" and not purge:
             purge = True
+        elif w in ("-c", "-p"):
+            raise _bad(f"{w} given twice")
         else:
             raise _bad(f"unknown flag {w!r}")
     if purge and not (cancel or src or dst):

@@ -33,9 +33,11 @@ class JobRunner:
         self.sync = sync
         self.speed = speed
         self.nursery: trio.Nursery | None = None
-        # Jobs whose end (Completed, Cancelled) is not durable yet -> what the status row
-        # shows meanwhile, so that no reader sees an end a crash could still undo.
-        self.unsettled: dict[int, str] = {}
+        # What the status rows show: progress as of the job's last durable step, an end
+        # (Completed, Cancelled) only once durable, so no reader sees what a crash could
+        # still undo.
+        self.shown = status.Shown()
+        self.unsettled = self.shown.unsettled
         # Awaited with a VDisk name that vanished (cancel, error) so the kernel forgets it.
         self.on_removed: Callable[[str, int], Awaitable[None]] = _nothing
 
@@ -43,6 +45,7 @@ class JobRunner:
         """Start serving; resume the jobs a previous mount left running."""
         self.nursery = nursery
         for job in self.pool.clones.running():
+            self.shown.publish(self.pool, job)     # as loaded: durable
             log.info("resuming clone %s -> %s at page %d", job.src_name, job.dst_name,
                      job.cursor)
             nursery.start_soon(self._run, job)
@@ -55,7 +58,7 @@ class JobRunner:
             clones.purge()
             await self.sync()
         elif cmd.action == "cancel":
-            shown = {j.id: f"{clones.percent(j)}%" for j in clones.running()}
+            shown = self.shown.percents(self.pool)
             jobs = clones.cancel_from(cmd.src)
             for job in jobs:
                 self.unsettled[job.id] = shown[job.id]
@@ -65,6 +68,7 @@ class JobRunner:
                 for job in jobs:
                     self.unsettled.pop(job.id, None)
             for job in jobs:
+                self.shown.durable.pop(job.id, None)
                 await self.on_removed(job.dst_name, job.dst)
         else:
             # Refuse early (nothing flushed for a bad command), then flush the source's
@@ -72,6 +76,7 @@ class JobRunner:
             clones.check_start(cmd.src, cmd.dst)
             await flush(cmd.src)
             job = clones.start(cmd.src, cmd.dst)
+            self.shown.publish(self.pool, job)      # 0%, and shown only once durable
             log.info("clone %s -> %s started (%d pages)", cmd.src, cmd.dst, job.total)
             if job.running and not self.speed and job.total <= BATCH_PAGES:
                 try:
@@ -93,8 +98,10 @@ class JobRunner:
                 shared = clones.step(job, 1 if self.speed else BATCH_PAGES)
                 if not job.running:
                     break
+                await self._publish(job)
                 await trio.sleep(shared / self.speed if self.speed else 0)
             await self._settle(job)
+            self.shown.durable.pop(job.id, None)
         except trio.Cancelled:
             raise   # unmount: the job stays "running" in the metadata and resumes
         except Exception as e:
@@ -102,6 +109,17 @@ class JobRunner:
             if job.running:
                 clones.stop(job, ERROR, str(e))
                 await self.on_removed(job.dst_name, job.dst)
+
+    async def _publish(self, job: Job) -> None:
+        """Show a step's progress once it is durable: a commit when the percent moves
+        (at most 100 per job), so the status follows the work and never goes back."""
+        if self.pool.clones.percent(job) == self.shown.durable.get(job.id, (0, 0))[0]:
+            return
+        percent = self.pool.clones.percent(job)
+        shared = status.live_shared(self.pool, job)
+        await self.sync()
+        if job.running:
+            self.shown.durable[job.id] = (percent, shared)
 
     async def _settle(self, job: Job) -> None:
         """A job that ended Completed shows 99% until that is durable."""
@@ -120,7 +138,7 @@ class JobRunner:
                    if jid in self.pool.meta.jobs)
 
     def render(self, extended: bool = False) -> bytes:
-        return status.render(self.pool, self.unsettled, extended)
+        return status.render(self.pool, self.shown, extended)
 
 
 async def _nothing(name: str, vid: int) -> None:

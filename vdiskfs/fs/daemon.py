@@ -94,6 +94,7 @@ class Daemon:
             nursery.start_soon(self.ops.syncer.run_writeback)
             self.pool.defer_punches()
             nursery.start_soon(self.ops.syncer.puncher.run)
+            nursery.start_soon(self.ops.capacity.run)
             self.ops.jobs.attach(nursery)
             self.ops.scrubber.attach(nursery)
             await pyfuse3.main(min_tasks=4, max_tasks=64)

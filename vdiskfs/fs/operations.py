@@ -20,10 +20,11 @@ import trio
 from pyfuse3 import FUSEError
 
 from ..cow import names
-from ..cow.errors import VDiskError
+from ..cow.errors import NOT_FATAL, VDiskError
 from ..cow.meta import VDisk
 from ..cow.pool import Pool
-from ..ctl import commands
+from ..ctl import commands, listing
+from ..ctl.capacity import Capacity
 from ..ctl.jobs import JobRunner
 from ..ctl.scrubber import Scrubber
 from . import xattrs
@@ -37,15 +38,16 @@ VDISK_BASE = 16
 CTL_NAME = ".ctl"
 # The control files: name -> (inode, mode). Virtual: made when read, one command per write.
 CTL_FILES = {b"clone": (3, 0o200), b"status": (4, 0o444), b"jobs": (5, 0o444),
-             b"scrub": (6, 0o600)}
+             b"scrub": (6, 0o600), b"vdisks": (7, 0o444)}
 CTL_WRITABLE = (b"clone", b"scrub")       # one command per write
-CTL_READABLE = (b"status", b"jobs", b"scrub")   # a snapshot made at open
+CTL_READABLE = (b"status", b"jobs", b"scrub", b"vdisks")   # a snapshot made at open
 CTL_INODES = {ino: (name, mode) for name, (ino, mode) in CTL_FILES.items()}
 SETID = stat.S_ISUID | stat.S_ISGID   # never on a VDisk (see fs/killpriv.py)
 ENTRY_TIMEOUT = 1.0
 SEEK_WRITEBACK_ROUNDS = 8  # then the whole VDisk is written back (lseek)
 RELEASE_GRACE = 1.0     # seconds an unlink waits for the release of a just-closed VDisk
 ATTR_TIMEOUT = 1.0
+FREE_INODES = 1 << 32    # statfs: VDisks are not limited by an inode table
 
 
 def handler(fn: Callable) -> Callable:
@@ -61,7 +63,10 @@ def handler(fn: Callable) -> Callable:
         except VDiskError as e:
             raise FUSEError(e.errno) from None
         except OSError as e:
-            log.error("%s%r: %s", fn.__name__, args[:2], e)
+            if e.errno in NOT_FATAL:       # the pool is full: logged once a minute
+                self.capacity.full(fn.__name__, e)
+            else:
+                log.error("%s%r: %s", fn.__name__, args[:2], e)
             raise FUSEError(e.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args[:2])
@@ -89,6 +94,7 @@ class Operations(pyfuse3.Operations):
         self.jobs = JobRunner(pool, self.syncer.sync, clone_speed)
         self.jobs.on_removed = self._name_removed
         self.scrubber = Scrubber(pool)
+        self.capacity = Capacity(pool)
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.lookups: dict[int, int] = {}   # vid -> kernel lookup count
@@ -253,7 +259,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         vd = self.vdisk(inode)
         if fields.update_size:
+            grows = attr.st_size > vd.size
             self.pool.truncate(vd, attr.st_size)
+            if grows:
+                self.capacity.grown(vd.name or str(vd.vid))
         changes = {}
         if fields.update_mode:
             if attr.st_mode & SETID:
@@ -278,23 +287,26 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh, start_id, token):
-        # Entry ids: .ctl is 1, a VDisk is vid + 1; stable while VDisks come and go.
+        # Entry ids: "." 1, ".." 2, then .ctl 3 and a VDisk vid + 3 in the root, the
+        # control files from 3 in .ctl: stable while VDisks come and go. The kernel
+        # takes no lookup reference for "." and ".." (fuse_direntplus_link).
+        first = [(b".", self._dir_attr(fh)), (b"..", self._dir_attr(ROOT))]
         if fh == CTL:
-            for n, (name, (ino, _)) in enumerate(CTL_FILES.items(), 1):
-                if n > start_id and not pyfuse3.readdir_reply(token, name,
-                                                               self._ctl_attr(ino), n):
-                    return
+            first += [(name, self._ctl_attr(ino)) for name, (ino, _) in CTL_FILES.items()]
+        elif fh == ROOT:
+            first.append((CTL_NAME.encode(), self._dir_attr(CTL)))
+        else:
             return
+        for n, (name, attr) in enumerate(first, 1):
+            if n > start_id and not pyfuse3.readdir_reply(token, name, attr, n):
+                return
         if fh != ROOT:
             return
-        if start_id < 1:
-            if not pyfuse3.readdir_reply(token, CTL_NAME.encode(), self._dir_attr(CTL), 1):
-                return
         for vd in sorted(self.pool.vdisks(), key=lambda v: v.vid):
-            if vd.vid + 1 <= start_id:
+            if vd.vid + 3 <= start_id:
                 continue
             if not pyfuse3.readdir_reply(token, vd.name.encode(), self.vdisk_attr(vd),
-                                         vd.vid + 1):
+                                         vd.vid + 3):
                 return
             self.lookups[vd.vid] = self.lookups.get(vd.vid, 0) + 1
 
@@ -408,6 +420,9 @@ class Operations(pyfuse3.Operations):
             data = b""
         elif name == b"scrub":
             data = self.scrubber.render()
+        elif name == b"vdisks":
+            data = listing.render(self.pool, self.capacity,
+                                  self.jobs.shown.percents(self.pool))
         else:
             data = self.jobs.render(extended=name == b"jobs")
         fh = self.next_fh
@@ -480,8 +495,10 @@ class Operations(pyfuse3.Operations):
         # df: used = the pool's data + metadata; avail = what the backing fs really has.
         s.f_bfree = max(st.f_blocks - used, 0)
         s.f_bavail = min(st.f_bavail, s.f_bfree)
-        s.f_files = len(self.pool.meta.vdisks) + 2
-        s.f_ffree = s.f_favail = 1 << 20
+        # Inodes: one per VDisk (and the root, .ctl and its files); no fixed table, so
+        # df -i shows what is used beside a large, constant free count.
+        s.f_ffree = s.f_favail = FREE_INODES
+        s.f_files = len(self.pool.meta.vdisks) + 2 + len(CTL_FILES) + FREE_INODES
         s.f_namemax = 64
         return s
 
@@ -521,10 +538,13 @@ class Operations(pyfuse3.Operations):
         if inode < VDISK_BASE:
             raise FUSEError(errno.EOPNOTSUPP)
         vd = self.vdisk(inode)
+        size = vd.size
         try:
             self.pool.fallocate(vd, mode, off, length)
         except OSError as e:
             await self._retry_enospc(e, self.pool.fallocate, vd, mode, off, length)
+        if vd.size > size:
+            self.capacity.grown(vd.name or str(vd.vid))
 
     @handler
     async def lseek(self, inode, off, whence):
