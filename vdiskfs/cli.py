@@ -511,8 +511,15 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error (the usage is in --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vdiskfs", description="Virtual disks with instant "
+    p = Parser(prog="vdiskfs", description="Virtual disks with instant "
                                 "copy-on-write clones, as files in a FUSE mount.")
     p.add_argument("--version", action="version", version=f"vdiskfs {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -639,7 +646,7 @@ def add_clone_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_qclone_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qclone", description="Clone VDisks "
+    parser = Parser(prog="qclone", description="Clone VDisks "
                                      "(vdiskfs clone, with QUADStor qclone flags).")
     add_clone_args(parser)
     parser.set_defaults(func=cmd_clone)
