@@ -228,6 +228,10 @@ def test_mount_refuses_mounts_nonempty_dirs_and_cleans_up_dead_mounts(mount, tmp
         assert f.read() == b"kept"
     os.kill(mount.pid, 9)
     wait_until(lambda: not _locked(mount.pool), "the killed daemon to let go of the pool")
+    for args in (["list"], ["info", "FOO"], ["create", "N", "1G"], ["clone", "-l"],
+                 ["clone", "-s", "FOO", "-d", "N"], ["scrub"]):
+        assert_user_error(vdiskfs(*args, "--mount", mount.mnt, check=False),
+                          "dead vdiskfs mount", "vdiskfs umount")
     proc = vdiskfs("umount", mount.mnt)
     assert "dead mount" in proc.stderr and not is_mounted(mount.mnt)
     mount.pid = None

@@ -23,7 +23,7 @@ from . import __version__
 from .cow import layout
 from .cow.errors import FormatError, PoolBusy
 from .ctl import client
-from .ctl.client import UserError, find_mount, vdiskfs_mounts
+from .ctl.client import UserError, find_mount, lock_holder, vdiskfs_mounts
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
@@ -43,34 +43,16 @@ def check_pool_path(pool_dir: str) -> None:
     if not os.path.isdir(pool_dir) and not os.path.isdir(os.path.dirname(pool_dir)):
         raise UserError(f"pool {pool_dir} does not exist, nor does its parent directory")
     where = [m for p, m in vdiskfs_mounts() if p == pool_dir]
-    if where and layout.is_pool(pool_dir) and _lock_holder(pool_dir):
+    if where and layout.is_pool(pool_dir) and lock_holder(pool_dir):
         raise UserError(f"pool {pool_dir} is already mounted at {where[-1]} "
                         f"(stop with: vdiskfs umount {shlex.quote(where[-1])})")
-
-
-def _lock_holder(pool_dir: str) -> int | None:
-    """The pid of the daemon holding the pool's lock, None if nobody holds it."""
-    try:
-        fd = os.open(os.path.join(pool_dir, layout.LOCK), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return int(text) if text.isdigit() else -1
-    finally:
-        os.close(fd)
 
 
 def check_mountpoint(mnt: str, nonempty: bool) -> None:
     """Refuse a mount point that is not a directory, is a mount already, or holds files;
     clean up a dead vdiskfs mount whose daemon is gone (its pool's lock is free)."""
     mounted = [p for p, m in vdiskfs_mounts() if m == mnt]
-    if mounted and _lock_holder(mounted[-1]) is None:
+    if mounted and lock_holder(mounted[-1]) is None:
         # Its daemon was killed: the pool is free and the mount a corpse (which may still
         # answer stat from the kernel's cache for a second). The next open of the pool
         # replays its journal as after any crash.
@@ -182,7 +164,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if pool is None:
         raise UserError(f"{mnt} is not a vdiskfs mount")
     lock = os.path.join(pool, layout.LOCK)
-    if _lock_holder(pool) is None:
+    if lock_holder(pool) is None:
         # The daemon is gone (killed): what is left is a dead mount. Nothing of the
         # pool is lost by dropping it; the next mount replays the journal.
         proc = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)

@@ -8,10 +8,14 @@ command was refused.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
+import shlex
 import sys
 import time
+
+from ..cow import layout
 
 
 class UserError(Exception):
@@ -32,21 +36,44 @@ def vdiskfs_mounts() -> list[tuple[str, str]]:
     return out
 
 
+def lock_holder(pool_dir: str) -> int | None:
+    """The pid of the daemon holding the pool's lock (-1: unknown), None if nobody does."""
+    try:
+        fd = os.open(os.path.join(pool_dir, layout.LOCK), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else -1
+    finally:
+        os.close(fd)
+
+
 def find_mount(explicit: str | None) -> str:
-    """--mount, else $VDISKFS_MOUNT, else the only vdiskfs mount."""
+    """--mount, else $VDISKFS_MOUNT, else the only vdiskfs mount; a live one."""
     mnt = explicit or os.environ.get("VDISKFS_MOUNT")
+    mounts = vdiskfs_mounts()
     if mnt:
         mnt = os.path.abspath(mnt)
-        if mnt not in [m for _, m in vdiskfs_mounts()]:
+        pools = [p for p, m in mounts if m == mnt]
+        if not pools:
             raise UserError(f"{mnt} is not a vdiskfs mount")
-        return mnt
-    mounts = [m for _, m in vdiskfs_mounts()]
-    if not mounts:
+    elif not mounts:
         raise UserError("no vdiskfs mount found (use --mount MNT or set VDISKFS_MOUNT)")
-    if len(mounts) > 1:
-        raise UserError(f"several vdiskfs mounts ({', '.join(mounts)}): choose one with "
-                        "--mount MNT or VDISKFS_MOUNT")
-    return mounts[0]
+    elif len(mounts) > 1:
+        raise UserError(f"several vdiskfs mounts ({', '.join(m for _, m in mounts)}): choose "
+                        "one with --mount MNT or VDISKFS_MOUNT")
+    else:
+        pools, mnt = [mounts[0][0]], mounts[0][1]
+    if lock_holder(pools[-1]) is None:
+        raise UserError(f"{mnt} is a dead vdiskfs mount (its daemon is gone): clean it up "
+                        f"with 'vdiskfs umount {shlex.quote(mnt)}', then mount it again")
+    return mnt
 
 
 
