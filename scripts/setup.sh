@@ -41,14 +41,37 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -e "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing vdiskfs into $VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test,docs]"
   touch "$stamp"
+fi
+
+# vdiskfs and qclone on PATH (mount.fuse3 runs `vdiskfs` from /usr/local/bin too), and
+# their man pages. Idempotent; a file there that is not our link is left alone.
+BIN=${VDISKFS_BIN:-/usr/local/bin}
+for prog in vdiskfs qclone; do
+  link=$BIN/$prog
+  if [ -L "$link" ] || [ ! -e "$link" ]; then
+    [ "$(readlink "$link" 2>/dev/null)" = "$VENV/bin/$prog" ] || ln -sfn "$VENV/bin/$prog" "$link"
+  else
+    echo "setup: warning: $link exists and is not a link; not replacing it" >&2
+  fi
+done
+MAN=${VDISKFS_MAN:-/usr/local/share/man/man1}
+if [ ! -e "$MAN/vdiskfs.1" ] || [ vdiskfs/cli.py -nt "$MAN/vdiskfs.1" ] || [ "$stamp" -nt "$MAN/vdiskfs.1" ]; then
+  mkdir -p "$MAN"
+  "$VENV/bin/python" scripts/manpages.py "$MAN" || echo "setup: warning: man pages not installed" >&2
 fi
 
 case "${1:-mount}" in
   deps) ;;
   mount)
     mkdir -p "$ROOT/pool" "$ROOT/mnt"
+    if where=$("$VENV/bin/python" -c 'import sys; from vdiskfs.ctl.client import vdiskfs_mounts
+m = [mp for p, mp in vdiskfs_mounts() if p == sys.argv[1]]; print(m[-1]) if m else sys.exit(1)' "$ROOT/pool") \
+        && "$VENV/bin/vdiskfs" list --mount "$where" >/dev/null 2>&1; then
+      echo "vdiskfs: pool $ROOT/pool is already mounted at $where; stop with: vdiskfs umount $where"
+      exit 0
+    fi
     "$VENV/bin/vdiskfs" mount "$ROOT/pool" "$ROOT/mnt"
     cat <<MSG
 
@@ -57,8 +80,9 @@ Try it:
   mkfs.ext4 -q $ROOT/mnt/FOO && mkdir -p /mnt/foo && mount -o loop $ROOT/mnt/FOO /mnt/foo
   getfattr -d -m - $ROOT/mnt/FOO                # properties and space figures
   df -h $ROOT/mnt                               # pool usage
+  vdiskfs list                                  # VDisks and the pool's space
 Stop it:
-  umount /mnt/foo; $VENV/bin/vdiskfs umount $ROOT/mnt
+  umount /mnt/foo; vdiskfs umount $ROOT/mnt
 MSG
     ;;
   test)
