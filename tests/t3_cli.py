@@ -405,3 +405,20 @@ def test_thresholds_overcommit_and_full_pool_warnings(need_loop, tmp_path, kmoun
         for name in os.listdir(backing):
             if name.startswith("hog"):
                 os.unlink(os.path.join(backing, name))
+
+
+def test_stop_hint_is_shell_quoted(need_fuse, tmp_path):
+    pool, mnt = str(tmp_path / "my pool"), str(tmp_path / "my mnt")
+    os.mkdir(mnt)
+    m = Mount(pool, mnt)
+    try:
+        proc = vdiskfs("mount", pool, mnt)
+        with open(os.path.join(pool, "lock")) as f:
+            m.pid = int(f.read())
+        hint = proc.stdout.split("stop with: ", 1)[1].strip()
+        assert hint == f"vdiskfs umount '{mnt}'", proc.stdout
+        run(["bash", "-c", hint.replace("vdiskfs", " ".join(VDISKFS), 1)])
+        assert not is_mounted(mnt)
+        m.pid = None
+    finally:
+        m.cleanup()
