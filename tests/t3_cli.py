@@ -161,6 +161,10 @@ def test_every_subcommand_refuses_bad_input_in_one_line(mount, tmp_path):
         (["mount", str(tmp_path / "p2"), str(tmp_path / "nothere")], ["no such file"]),
         (["mount", str(tmp_path / "p2"), dead, "--chunk-size", "3K"], ["power of two"]),
         (["mount", str(tmp_path / "p2"), dead, "--chunk-size", "lots"], ["bad size"]),
+        (["mount", os.path.join(dead, "pool"), dead], ["inside the mount point"]),
+        (["mount", dead, dead], ["inside the mount point"]),
+        (["lst"], ["unknown command"]),
+        (["bogus", "x", "y"], ["unknown command"]),
     ]
     for args, needles in cases:
         assert_user_error(vdiskfs(*args, check=False), *needles)

@@ -117,7 +117,11 @@ def test_mount_t_fuse_vdiskfs_and_fstab(on_path, tmp_path):
             assert proc.returncode != 0 and needle in proc.stderr, (opts, proc.stderr)
             assert not is_mounted(mnt)
         # The program mount.fuse3 runs, called as it calls it.
-        assert_user_error(vdiskfs(pool, check=False), "usage")
+        assert_user_error(vdiskfs(pool, mnt, "-o", check=False), "-o needs a value")
+        assert_user_error(vdiskfs(pool, "-o", "rw", check=False), "usage")
+        # Without -o it is not mount.fuse3's call but a mistyped command: never a mount.
+        assert_user_error(vdiskfs("lst", mnt, check=False), "unknown command 'lst'")
+        assert not is_mounted(mnt) and not os.path.exists("lst")
     finally:
         unmount_all(mnt, mnt2, mnt3)
 

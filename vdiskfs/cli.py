@@ -86,6 +86,11 @@ def check_mountpoint(mnt: str, nonempty: bool) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     pool_dir = os.path.abspath(args.pool)
     mnt = os.path.abspath(args.mountpoint)
+    if os.path.commonpath([os.path.realpath(pool_dir), os.path.realpath(mnt)]) == \
+            os.path.realpath(mnt):
+        # The daemon reopens pool files by name: under its own mount it would wait on itself.
+        raise UserError(f"pool {pool_dir} is inside the mount point {mnt}: choose a pool "
+                        "directory outside it")
     check_pool_path(pool_dir)
     check_mountpoint(mnt, args.nonempty)
     if not os.path.isdir(pool_dir):
@@ -644,9 +649,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if argv and not argv[0].startswith("-") and argv[0] not in parser.commands:
-        # mount(8) through mount.fuse3 runs ``vdiskfs POOL MNT -o OPTS`` (fstab, -t fuse.vdiskfs).
-        from .mounthelper import main as mount_helper
-        return mount_helper(argv)
+        if "-o" in argv or any(w.startswith("-o") for w in argv):
+            # mount(8) through mount.fuse3 runs ``vdiskfs POOL MNT -o OPTS`` (fstab,
+            # -t fuse.vdiskfs): it always passes -o.
+            from .mounthelper import main as mount_helper
+            return mount_helper(argv)
+        print(f"vdiskfs: unknown command {argv[0]!r}: choose from "
+              f"{', '.join(parser.commands)} (see vdiskfs --help)", file=sys.stderr)
+        return 2
     if argv and argv[0] == "clone":
         argv = argv[:1] + glue_names(argv[1:])
     if argv and argv[0] == "create" and any(re.fullmatch(r"-\d.*", w) for w in argv[1:]):
