@@ -117,6 +117,10 @@ def test_list_shows_error_state_of_damaged_vdisk(mount):
         p.close()
     flip_byte(os.path.join(mount.pool, "data"), pos + 100)
     mount.start()
+    # Found by a scrub first, then by a read.
+    assert vdiskfs("scrub", "--mount", mount.mnt, check=False).returncode == 1
+    v = listing(mount)["vdisks"][0]
+    assert (v["name"], v["state"], v["errors"]) == ("FOO", "Error", 0)
     fd = os.open(mount.path("FOO"), os.O_RDONLY | os.O_DIRECT)
     try:
         with pytest.raises(OSError) as e:
@@ -158,7 +162,7 @@ def test_every_subcommand_refuses_bad_input_in_one_line(mount, tmp_path):
         (["mount", "/etc/passwd", str(tmp_path)], ["not a directory"]),
         (["mount", str(tmp_path / "a" / "b" / "pool"), dead], ["does not exist"]),
         (["mount", str(tmp_path / "p2"), "/etc/passwd"], ["not a directory"]),
-        (["mount", str(tmp_path / "p2"), str(tmp_path / "nothere")], ["no such file"]),
+        (["mount", str(tmp_path / "p2"), str(tmp_path / "nothere")], ["does not exist", "mkdir"]),
         (["mount", str(tmp_path / "p2"), dead, "--chunk-size", "3K"], ["power of two"]),
         (["mount", str(tmp_path / "p2"), dead, "--chunk-size", "lots"], ["bad size"]),
         (["mount", os.path.join(dead, "pool"), dead], ["inside the mount point"]),

@@ -70,6 +70,9 @@ def check_mountpoint(mnt: str, nonempty: bool) -> None:
             raise UserError(f"mount point {mnt} is a dead FUSE mount (Transport endpoint is "
                             f"not connected): unmount it with fusermount3 -u -z "
                             f"{shlex.quote(mnt)}") from None
+        if e.errno == errno.ENOENT:
+            raise UserError(f"mount point {mnt} does not exist: make it first "
+                            f"(mkdir {shlex.quote(mnt)})") from None
         raise UserError(f"mount point {mnt}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"mount point {mnt} is not a directory")

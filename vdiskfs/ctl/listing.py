@@ -5,7 +5,7 @@ belongs to the daemon). Documented in docs/SPEC.md; ``format`` changes only when
 changes meaning or goes away (new fields may be added).
 
 A VDisk's ``state`` is the first that applies of: ``Error`` (reads failed their checksum
-since the mount), ``cloning`` (an unfinished clone; ``progress`` holds its percent),
+since the mount, or the last scrub found damage in it), ``cloning`` (an unfinished clone; ``progress`` holds its percent),
 ``clone source`` (a clone from it is running), ``in use`` (open, e.g. by a loop device)
 and ``ok``.
 """
@@ -21,14 +21,16 @@ from .capacity import Capacity, provisioned
 FORMAT = 1
 
 
-def vdisk_state(pool: Pool, vd: VDisk, percent: dict[int, str]) -> tuple[str, int | None]:
-    """(state, clone percent or None); ``percent``: job id -> what .ctl/status shows."""
+def vdisk_state(pool: Pool, vd: VDisk, percent: dict[int, str],
+                damaged: set[str] = frozenset()) -> tuple[str, int | None]:
+    """(state, clone percent or None); ``percent``: job id -> what .ctl/status shows;
+    ``damaged``: the VDisks the last scrub found damage in."""
     job_id = vd.props.get("clone_job")
     progress = None
     if job_id is not None:
         shown = percent.get(job_id, "0%")
         progress = int(shown[:-1]) if shown.endswith("%") else 99
-    if pool.data.damage.errors.get(vd.vid):
+    if pool.data.damage.errors.get(vd.vid) or vd.name in damaged:
         return "Error", progress
     if progress is not None:
         return "cloning", progress
@@ -39,8 +41,8 @@ def vdisk_state(pool: Pool, vd: VDisk, percent: dict[int, str]) -> tuple[str, in
     return "ok", None
 
 
-def vdisk_record(pool: Pool, vd: VDisk, percent: dict[int, str]) -> dict:
-    state, progress = vdisk_state(pool, vd, percent)
+def vdisk_record(pool: Pool, vd: VDisk, percent: dict[int, str], damaged: set[str]) -> dict:
+    state, progress = vdisk_state(pool, vd, percent, damaged)
     usage = pool.usage(vd)
     return {
         "name": vd.name, "size": vd.size, "allocated": usage["allocated"],
@@ -53,8 +55,9 @@ def vdisk_record(pool: Pool, vd: VDisk, percent: dict[int, str]) -> dict:
     }
 
 
-def render(pool: Pool, capacity: Capacity, percent: dict[int, str]) -> bytes:
-    vdisks = [vdisk_record(pool, vd, percent)
+def render(pool: Pool, capacity: Capacity, percent: dict[int, str],
+           damaged: set[str] = frozenset()) -> bytes:
+    vdisks = [vdisk_record(pool, vd, percent, damaged)
               for vd in sorted(pool.vdisks(), key=lambda v: v.name)]
     b = capacity.check()
     stored = pool.meta.slots_in_use() * pool.chunk_size

@@ -36,6 +36,7 @@ class Scrubber:
         self.state = "idle"
         self.nursery: trio.Nursery | None = None
         self._cancel = False
+        self.found: set[str] = set()    # VDisks with damage found by the last scrub
 
     def attach(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
@@ -70,6 +71,7 @@ class Scrubber:
             self.state = "failed"
             return
         self.state = "cancelled" if self._cancel else "done"
+        self.found = {d.vdisk for d in sc.damaged()}
         log.log(logging.ERROR if sc.bad else logging.INFO,
                 "scrub %s after %.1f s: %d bytes checked, %d damaged block(s), %d torn "
                 "block(s) accepted", self.state, time.monotonic() - t0, sc.checked,

@@ -422,7 +422,7 @@ class Operations(pyfuse3.Operations):
             data = self.scrubber.render()
         elif name == b"vdisks":
             data = listing.render(self.pool, self.capacity,
-                                  self.jobs.shown.percents(self.pool))
+                                  self.jobs.shown.percents(self.pool), self.scrubber.found)
         else:
             data = self.jobs.render(extended=name == b"jobs")
         fh = self.next_fh
