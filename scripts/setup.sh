@@ -18,6 +18,11 @@ command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
 command -v getfattr >/dev/null || need_apt+=(attr)
 command -v losetup >/dev/null || need_apt+=(mount)
 command -v gcc >/dev/null || need_apt+=(gcc)
+if [ "${1:-mount}" = test ]; then   # the NBD clients the tests drive the server with
+  command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
+  [ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
+  command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
+fi
 if [ "${1:-}" = bench ]; then   # the baselines the benchmark compares against
   command -v bindfs >/dev/null || need_apt+=(bindfs)
   command -v fio >/dev/null || need_apt+=(fio)

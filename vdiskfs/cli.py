@@ -100,7 +100,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         os.mkdir(pool_dir, 0o700)      # a new pool in a new directory
     if args.foreground:
         return _serve(pool_dir, mnt, args.chunk_size, args.debug, args.ready_fd,
-                      args.clone_speed, not args.unsafe_no_data_sync, args.allow_other)
+                      args.clone_speed, not args.unsafe_no_data_sync, args.allow_other,
+                      args.nbd, args.nbd_readonly)
     # Background: a detached child serves; we return once it reports the mount ready.
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "vdiskfs", "mount", "--foreground", "--ready-fd", str(w),
@@ -115,6 +116,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cmd.append("--allow-other")
     if args.nonempty:
         cmd.append("--nonempty")
+    for ep in args.nbd:
+        cmd += ["--nbd", ep]
+    if args.nbd_readonly:
+        cmd.append("--nbd-readonly")
     if args.debug:
         cmd.append("--debug")
     child = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
@@ -133,7 +138,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
            ready_fd: int | None, clone_speed: int, sync_data: bool,
-           allow_other: bool) -> int:
+           allow_other: bool, nbd: list[str] = (), nbd_readonly: bool = False) -> int:
     # Imported here: pyfuse3 and trio are needed by the daemon only.
     from .cow.pool import open_pool
     from .fs.daemon import Daemon, setup_logging
@@ -150,7 +155,7 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
         report(str(e))
         raise UserError(str(e)) from None
     setup_logging(pool_dir if ready_fd is not None else None, debug)
-    daemon = Daemon(pool, mnt, clone_speed, allow_other)
+    daemon = Daemon(pool, mnt, clone_speed, allow_other, nbd, nbd_readonly)
     try:
         daemon.mount()
     except Exception as e:
@@ -193,6 +198,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
         os.kill(pid, signal.SIGTERM)     # the second one detaches even while in use
     else:
         busy = users(mnt)
+        try:
+            for v in read_listing(mnt)["vdisks"]:
+                if v.get("nbd"):
+                    busy.setdefault(v["name"], []).append(f"{v['nbd']} NBD client(s)")
+        except UserError:
+            pass        # an older daemon without the listing: the kernel's users only
         if busy:
             raise UserError(f"{mnt} is in use, not unmounted: {describe(busy)} "
                             "(stop them first, or 'vdiskfs umount --force' detaches them)")
@@ -500,6 +511,15 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return FSCK_CORRECTED
 
 
+def _nbd_endpoint(text: str) -> str:
+    from .nbd.server import parse_endpoint
+    try:
+        parse_endpoint(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 # ---------------------------------------------------------------- parser
 class Parser(argparse.ArgumentParser):
     """Usage errors in one line, as every other error (the usage is in --help)."""
@@ -531,6 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action="store_true",
                    help="let other users reach the mount (file modes still apply; "
                         "see docs/RELIABILITY.md)")
+    m.add_argument("--nbd", action="append", default=[], metavar="ENDPOINT",
+                   type=_nbd_endpoint,
+                   help="also serve every completed VDisk over NBD at unix:PATH (mode 0600) "
+                        "or tcp:HOST:PORT (repeatable; see docs/NBD.md)")
+    m.add_argument("--nbd-readonly", action="store_true",
+                   help="NBD exports are read-only")
     m.add_argument("--debug", action="store_true",
                    help="log at DEBUG level (the daemon's log: POOL/daemon.log)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)

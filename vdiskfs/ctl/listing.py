@@ -41,7 +41,8 @@ def vdisk_state(pool: Pool, vd: VDisk, percent: dict[int, str],
     return "ok", None
 
 
-def vdisk_record(pool: Pool, vd: VDisk, percent: dict[int, str], damaged: set[str]) -> dict:
+def vdisk_record(pool: Pool, vd: VDisk, percent: dict[int, str], damaged: set[str],
+                 nbd: dict[int, int]) -> dict:
     state, progress = vdisk_state(pool, vd, percent, damaged)
     usage = pool.usage(vd)
     return {
@@ -51,13 +52,14 @@ def vdisk_record(pool: Pool, vd: VDisk, percent: dict[int, str], damaged: set[st
         "state": state, "progress": progress,
         "errors": pool.data.damage.errors.get(vd.vid, 0),
         "open": pool.open_count.get(vd.vid, 0),
+        "nbd": nbd.get(vd.vid, 0),               # NBD connections serving it (in "open")
         "mtime_ns": vd.props["mtime_ns"], "ctime_ns": vd.props["ctime_ns"],
     }
 
 
 def render(pool: Pool, capacity: Capacity, percent: dict[int, str],
-           damaged: set[str] = frozenset()) -> bytes:
-    vdisks = [vdisk_record(pool, vd, percent, damaged)
+           damaged: set[str] = frozenset(), nbd: dict[int, int] | None = None) -> bytes:
+    vdisks = [vdisk_record(pool, vd, percent, damaged, nbd or {})
               for vd in sorted(pool.vdisks(), key=lambda v: v.name)]
     b = capacity.check()
     stored = pool.meta.slots_in_use() * pool.chunk_size

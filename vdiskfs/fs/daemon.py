@@ -55,15 +55,22 @@ def _set_read_ahead(mountpoint: str) -> None:
 
 class Daemon:
     def __init__(self, pool: Pool, mountpoint: str, clone_speed: int = 0,
-                 allow_other: bool = False):
+                 allow_other: bool = False, nbd: list[str] = (), nbd_readonly: bool = False):
         self.pool = pool
         self.allow_other = allow_other
         self.mountpoint = os.path.realpath(mountpoint)
         self.ops = Operations(pool, clone_speed)
         self.signalled = False
         self.extra: extra_ops.ExtraOps | None = None
+        self.nbd = None
+        if nbd:
+            from ..nbd.server import NbdServer, parse_endpoint
+            self.nbd = NbdServer(self.ops, [parse_endpoint(e) for e in nbd], nbd_readonly)
+            self.ops.nbd_exports = self.nbd.exports
 
     def mount(self) -> None:
+        if self.nbd is not None:
+            self.nbd.bind()      # a taken address fails the mount, not the running daemon
         pyfuse3.init(self.ops, self.mountpoint, mount_options(self.pool, self.allow_other))
         killpriv.install()     # before the loop reads INIT
         # fallocate/lseek into the session now; their tasks need the nursery of _main
@@ -97,6 +104,8 @@ class Daemon:
             nursery.start_soon(self.ops.capacity.run)
             self.ops.jobs.attach(nursery)
             self.ops.scrubber.attach(nursery)
+            if self.nbd is not None:
+                nursery.start_soon(self.nbd.run)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
 
@@ -148,6 +157,8 @@ class Daemon:
         finally:
             # After a signal we unmount ourselves; after umount the kernel already has.
             pyfuse3.close(unmount=self.signalled)
+            if self.nbd is not None:
+                self.nbd.unlink_sockets()
             self.pool.close()
             log.info("pool %s closed cleanly", self.pool.path)
 

@@ -95,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self.jobs.on_removed = self._name_removed
         self.scrubber = Scrubber(pool)
         self.capacity = Capacity(pool)
+        self.nbd_exports: dict[int, int] = {}   # vid -> NBD connections (nbd/server.py)
         self.handles: dict[int, Handle] = {}
         self.next_fh = 1
         self.lookups: dict[int, int] = {}   # vid -> kernel lookup count
@@ -422,7 +423,8 @@ class Operations(pyfuse3.Operations):
             data = self.scrubber.render()
         elif name == b"vdisks":
             data = listing.render(self.pool, self.capacity,
-                                  self.jobs.shown.percents(self.pool), self.scrubber.found)
+                                  self.jobs.shown.percents(self.pool), self.scrubber.found,
+                                  self.nbd_exports)
         else:
             data = self.jobs.render(extended=name == b"jobs")
         fh = self.next_fh

@@ -1,0 +1,1 @@
+"""The NBD server (protocol.py: the wire format; server.py: exports of a mounted pool)."""
