@@ -316,3 +316,64 @@ def test_fuzzed_handshakes_and_requests_leave_the_daemon_serving(served):
     assert "unexpected error" not in daemon_log(m.pool)
     assert json.loads(vdiskfs("list", "--json", "--mount", m.mnt).stdout)["vdisks"][0][
         "nbd"] == 0
+
+
+def test_block_status_is_the_allocation_map_of_vdisks_and_clones(served, tmp_path):
+    m = served.start("--nbd", f"unix:{served.sock}")
+    cs = 256 << 10
+    with open(m.path("FOO"), "wb") as f:
+        f.truncate(64 * MiB)
+    fd = os.open(m.path("FOO"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, random.Random(5).randbytes(MiB), 3 * MiB)
+        os.pwrite(fd, random.Random(6).randbytes(cs // 2), 40 * MiB)   # half a chunk
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    vdiskfs("clone", "-s", "FOO", "-d", "BAR", "-w", "--mount", m.mnt)
+    fd = os.open(m.path("BAR"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"b" * 4096, 10 * MiB)          # not fsync'd: dirty in the kernel
+    finally:
+        os.close(fd)
+
+    def nbd_map(name: str) -> list[tuple[int, int, bool]]:
+        out = json.loads(run(["nbdinfo", "--map", "--json", m.uri(name)]).stdout)
+        return [(e["offset"], e["length"], bool(e["type"] & 1)) for e in out]
+
+    def seek_map(name: str) -> list[tuple[int, int, bool]]:
+        """The same map by SEEK_DATA/SEEK_HOLE through the file."""
+        fd = os.open(m.path(name), os.O_RDONLY)
+        try:
+            size, pos, out = os.fstat(fd).st_size, 0, []
+            while pos < size:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+                if hole > pos:
+                    out.append((pos, hole - pos, False))
+                    pos = hole
+                    continue
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    data = size
+                out.append((pos, data - pos, True))
+                pos = data
+            return out
+        finally:
+            os.close(fd)
+
+    foo = nbd_map("FOO")
+    assert foo == seek_map("FOO")
+    assert foo == [(0, 3 * MiB, True), (3 * MiB, MiB, False), (4 * MiB, 36 * MiB, True),
+                   (40 * MiB, cs, False), (40 * MiB + cs, 24 * MiB - cs, True)], foo
+    bar = nbd_map("BAR")
+    assert bar == seek_map("BAR") and (10 * MiB, cs, False) in bar, bar
+    # nbdcopy skips the holes: a sparse copy, byte-identical.
+    out = tmp_path / "bar.img"
+    run(["nbdcopy", m.uri("BAR"), str(out)])
+    assert out.read_bytes() == read_file(m.path("BAR"))
+    assert os.stat(out).st_blocks * 512 <= 4 * MiB
+    # qemu-img map agrees.
+    qmap = json.loads(run(["qemu-img", "map", "--output=json", m.uri("FOO")]).stdout)
+    assert [(e["start"], e["length"], e["data"]) for e in qmap] == \
+        [(o, n, not hole) for o, n, hole in foo]

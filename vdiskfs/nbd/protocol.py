@@ -31,6 +31,7 @@ OPT_SET_META_CONTEXT = 10
 REP_ACK = 1
 REP_SERVER = 2
 REP_INFO = 3
+REP_META_CONTEXT = 4
 REP_ERR = 1 << 31
 REP_ERR_UNSUP = REP_ERR + 1
 REP_ERR_POLICY = REP_ERR + 2
@@ -71,7 +72,20 @@ CMD_BLOCK_STATUS = 7
 
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAGS_KNOWN = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE
+CMD_FLAG_DF = 1 << 2
+CMD_FLAG_REQ_ONE = 1 << 3
+CMD_FLAGS_KNOWN = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_REQ_ONE
+
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+
+BASE_ALLOCATION = "base:allocation"
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
 
 # errors in replies (proto.md: these values on the wire whatever the host's errno)
 EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN = 1, 5, 12, 22, 28, 75, 95, 108
@@ -82,6 +96,7 @@ OPTION = struct.Struct(">QII")          # IHAVEOPT, option, length
 OPTION_REPLY = struct.Struct(">QIII")   # REPLY_MAGIC, option, reply type, length
 REQUEST = struct.Struct(">IHHQQI")      # magic, flags, type, cookie, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")    # magic, error, cookie
+STRUCTURED = struct.Struct(">IHHQI")    # magic, flags, type, cookie, length
 EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags
 
 MAX_OPTION_DATA = 64 << 10              # an option's data we accept (names are <= 4096)
@@ -110,6 +125,39 @@ def info_name(name: str) -> bytes:
 
 def simple_reply(error: int, cookie: int) -> bytes:
     return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def structured(cookie: int, rtype: int, payload: bytes, done: bool = True) -> bytes:
+    return STRUCTURED.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE if done else 0, rtype,
+                           cookie, len(payload)) + payload
+
+
+def structured_error(cookie: int, error: int, message: str = "") -> bytes:
+    msg = message.encode()[:4096]
+    return structured(cookie, REPLY_TYPE_ERROR, struct.pack(">IH", error, len(msg)) + msg)
+
+
+def parse_meta_query(data: bytes) -> tuple[str, list[str]]:
+    """NBD_OPT_LIST/SET_META_CONTEXT data: u32 name length, name, u32 count, queries."""
+    if len(data) < 8:
+        raise ValueError("short")
+    (n,) = struct.unpack_from(">I", data, 0)
+    if 4 + n + 4 > len(data):
+        raise ValueError("name past the end")
+    name = data[4:4 + n].decode("utf-8")
+    (count,) = struct.unpack_from(">I", data, 4 + n)
+    pos, queries = 8 + n, []
+    for _ in range(count):
+        if pos + 4 > len(data):
+            raise ValueError("query past the end")
+        (q,) = struct.unpack_from(">I", data, pos)
+        if pos + 4 + q > len(data):
+            raise ValueError("query past the end")
+        queries.append(data[pos + 4:pos + 4 + q].decode("utf-8"))
+        pos += 4 + q
+    if pos != len(data):
+        raise ValueError("bad length")
+    return name, queries
 
 
 class ProtocolError(Exception):

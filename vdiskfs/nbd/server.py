@@ -3,8 +3,10 @@
 Runs on the daemon's trio loop beside the FUSE handlers and calls the same engine, so an
 NBD request is ordered with every other change exactly as a FUSE request is. Per
 connection: the fixed newstyle handshake (NO_ZEROES; options EXPORT_NAME, ABORT, LIST,
-INFO, GO; the others are refused with NBD_REP_ERR_UNSUP), then transmission with simple
-replies, one request at a time in the order sent.
+INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT for base:allocation;
+STARTTLS and the others are refused with NBD_REP_ERR_UNSUP), then transmission, one
+request at a time in the order sent; with structured replies, BLOCK_STATUS reports the
+allocation map so that clients (nbdcopy, qemu-img convert) skip holes.
 
 Semantics (docs/NBD.md):
 - A VDisk whose clone has not completed is not exported (NBD_REP_ERR_POLICY, as open()
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 MAX_CLIENTS = 64
 MAX_REQUEST = 32 << 20                 # bytes per READ/WRITE (NBD_INFO_BLOCK_SIZE maximum)
 PREFERRED_BLOCK = 4096
+MAX_EXTENTS = 1 << 16                  # descriptors per BLOCK_STATUS reply
 HANDSHAKE_TIMEOUT = 30.0               # seconds a client may take to negotiate
 PUNCH = 0x02 | 0x01                    # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 ERRNO_ON_WIRE = {errno.EPERM: p.EPERM, errno.EIO: p.EIO, errno.ENOMEM: p.ENOMEM,
@@ -83,6 +86,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+@dataclass
+class Conn:
+    """What one connection negotiated."""
+    structured: bool = False       # NBD_OPT_STRUCTURED_REPLY
+    allocation: bool = False       # base:allocation selected (BLOCK_STATUS allowed)
+    meta_export: str | None = None  # the export SET_META_CONTEXT was for
+
+
+ALLOCATION_ID = 1                  # the context id of base:allocation
 
 
 class Closed(Exception):
@@ -195,6 +209,7 @@ class NbdServer:
         if cflags & ~(p.C_FLAG_FIXED_NEWSTYLE | p.C_FLAG_NO_ZEROES):
             raise p.ProtocolError(f"unknown client flags {cflags:#x}")
         no_zeroes = bool(cflags & p.C_FLAG_NO_ZEROES)
+        conn = Conn()
         for _ in range(p.MAX_OPTIONS):
             magic, opt, length = p.OPTION.unpack(await recv_exactly(stream, p.OPTION.size))
             if magic != p.IHAVEOPT:
@@ -208,7 +223,7 @@ class NbdServer:
                     raise Closed(err[1])     # proto.md: no error reply to EXPORT_NAME
                 await stream.send_all(p.EXPORT_NAME_REPLY.pack(vd.size, self._flags())
                                       + (b"" if no_zeroes else bytes(124)))
-                return vd, self._flags()
+                return vd, self._selected(conn, vd)
             if opt == p.OPT_ABORT:
                 await stream.send_all(p.option_reply(opt, p.REP_ACK))
                 raise Closed("aborted")
@@ -242,13 +257,51 @@ class NbdServer:
                     out += p.option_reply(opt, p.REP_INFO, p.info_name(vd.name))
                 await stream.send_all(out + p.option_reply(opt, p.REP_ACK))
                 if opt == p.OPT_GO:
-                    return vd, self._flags()
+                    return vd, self._selected(conn, vd)
+                continue
+            if opt == p.OPT_STRUCTURED_REPLY:
+                if data:
+                    await stream.send_all(p.option_reply(opt, p.REP_ERR_INVALID))
+                    continue
+                conn.structured = True
+                await stream.send_all(p.option_reply(opt, p.REP_ACK))
+                continue
+            if opt in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+                await stream.send_all(self._meta_context(opt, data, conn))
                 continue
             await stream.send_all(p.option_reply(opt, p.REP_ERR_UNSUP))
         raise p.ProtocolError("too many options")
 
+    def _meta_context(self, opt: int, data: bytes, conn: Conn) -> bytes:
+        """base:allocation is the one context: holes (unmapped chunks) read as zeros."""
+        setting = opt == p.OPT_SET_META_CONTEXT
+        if setting and not conn.structured:
+            return p.option_reply(opt, p.REP_ERR_INVALID, b"structured replies first")
+        try:
+            name, queries = p.parse_meta_query(data)
+        except (ValueError, UnicodeDecodeError):
+            return p.option_reply(opt, p.REP_ERR_INVALID)
+        vd, err = self._find(name)
+        if vd is None:
+            return p.option_reply(opt, err[0], err[1].encode())
+        if setting:
+            wanted = p.BASE_ALLOCATION in queries
+            conn.allocation, conn.meta_export = wanted, name
+        else:
+            wanted = not queries or any(q in ("base:", p.BASE_ALLOCATION) for q in queries)
+        out = b""
+        if wanted:
+            out = p.option_reply(opt, p.REP_META_CONTEXT, ALLOCATION_ID.to_bytes(4, "big")
+                                 + p.BASE_ALLOCATION.encode())
+        return out + p.option_reply(opt, p.REP_ACK)
+
+    def _selected(self, conn: Conn, vd) -> Conn:
+        if conn.meta_export is not None and conn.meta_export != vd.name:
+            conn.allocation = False     # chosen for another export: void (proto.md)
+        return conn
+
     # ------------------------------------------------------------ transmission
-    async def _transmission(self, stream, vd, flags: int) -> None:
+    async def _transmission(self, stream, vd, conn: Conn) -> None:
         pool = self.pool
         pool.opened(vd)           # in use: no delete, no replacing rename, no lba_size
         self.exports[vd.vid] = self.exports.get(vd.vid, 0) + 1
@@ -266,8 +319,20 @@ class NbdServer:
                     payload = await recv_exactly(stream, length)
                 if ctype == p.CMD_DISC:
                     return
+                if ctype == p.CMD_BLOCK_STATUS and conn.allocation:
+                    await stream.send_all(await self._block_status(vd, cookie, cflags, off,
+                                                                   length))
+                    continue
                 error, data = await self._command(vd, cflags, ctype, off, length, payload)
-                await stream.send_all(p.simple_reply(error, cookie) + data)
+                if not conn.structured:
+                    await stream.send_all(p.simple_reply(error, cookie) + data)
+                elif error:
+                    await stream.send_all(p.structured_error(cookie, error))
+                elif ctype == p.CMD_READ:
+                    await stream.send_all(p.structured(cookie, p.REPLY_TYPE_OFFSET_DATA,
+                                                       off.to_bytes(8, "big") + data))
+                else:
+                    await stream.send_all(p.structured(cookie, p.REPLY_TYPE_NONE, b""))
         finally:
             self.exports[vd.vid] -= 1
             if not self.exports[vd.vid]:
@@ -311,6 +376,33 @@ class NbdServer:
                 log.error("NBD request on %s (type %d, %d+%d): %s", vd.name, ctype, off,
                           length, e)
             return ERRNO_ON_WIRE.get(e.errno, p.EIO), b""
+
+    async def _block_status(self, vd, cookie: int, cflags: int, off: int, length: int) -> bytes:
+        """base:allocation extents of [off, off + length): mapped chunks are data, the
+        rest holes that read as zeros (chunk granularity, as SEEK_DATA/SEEK_HOLE)."""
+        end = off + length
+        if cflags & ~p.CMD_FLAGS_KNOWN or not length or end > vd.size:
+            return p.structured_error(cookie, p.EINVAL)
+        await self._coherent_read(vd, off, length)   # dirty pages are data
+        extents, pos = [], off
+        one = bool(cflags & p.CMD_FLAG_REQ_ONE)
+        while pos < end and len(extents) < MAX_EXTENTS:
+            hole = self.pool.seek(vd, pos, os.SEEK_HOLE)
+            if hole > pos:
+                nxt, flags = min(hole, end), 0
+            else:
+                try:
+                    nxt = min(self.pool.seek(vd, pos, os.SEEK_DATA), end)
+                except VDiskError:       # no data after pos
+                    nxt = end
+                flags = p.STATE_HOLE | p.STATE_ZERO
+            extents.append((nxt - pos, flags))
+            pos = nxt
+            if one:
+                break
+        payload = ALLOCATION_ID.to_bytes(4, "big") + b"".join(
+            n.to_bytes(4, "big") + f.to_bytes(4, "big") for n, f in extents)
+        return p.structured(cookie, p.REPLY_TYPE_BLOCK_STATUS, payload)
 
     async def _coherent_read(self, vd, off: int, length: int) -> None:
         """Dirty pages the kernel holds for the FUSE file are newer than the engine's."""
