@@ -377,3 +377,65 @@ def test_block_status_is_the_allocation_map_of_vdisks_and_clones(served, tmp_pat
     qmap = json.loads(run(["qemu-img", "map", "--output=json", m.uri("FOO")]).stdout)
     assert [(e["start"], e["length"], e["data"]) for e in qmap] == \
         [(o, n, not hole) for o, n, hole in foo]
+
+
+def make_certs(d) -> dict[str, str]:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
+    def ossl(*args: str) -> None:
+        run(["openssl", *args], cwd=str(d))
+    ossl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+         "/CN=vdiskfs test CA", "-keyout", "ca-key.pem", "-out", "ca-cert.pem")
+    (d / "ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who, ext in (("server", ["-extfile", "ext"]), ("client", [])):
+        ossl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}", "-keyout",
+             f"{who}-key.pem", "-out", f"{who}.csr")
+        ossl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca-cert.pem", "-CAkey",
+             "ca-key.pem", "-CAcreateserial", "-days", "2", *ext, "-out", f"{who}-cert.pem")
+    # libnbd's certificate directories: with a client certificate, and without one.
+    for name, files in (("with", ("ca-cert.pem", "client-cert.pem", "client-key.pem")),
+                        ("without", ("ca-cert.pem",))):
+        (d / name).mkdir()
+        for f in files:
+            shutil.copy(d / f, d / name / f)
+    return {k: str(d / f"{k}.pem") for k in ("ca-cert", "server-cert", "server-key")}
+
+
+def test_tls_required_with_client_certificates(served, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("LOUD SKIP: openssl is not installed; no certificates for the TLS test")
+    certs = make_certs(tmp_path)
+    port = free_port()
+    m = served.start("--nbd", f"tcp:127.0.0.1:{port}", "--nbd", f"unix:{served.sock}",
+                     "--nbd-tls-cert", certs["server-cert"], "--nbd-tls-key",
+                     certs["server-key"], "--nbd-tls-ca", certs["ca-cert"])
+    with open(m.path("FOO"), "wb") as f:
+        f.truncate(4 * MiB)
+    data = random.Random(9).randbytes(4 * MiB)
+    (tmp_path / "in.img").write_bytes(data)
+    uri = f"nbds://127.0.0.1:{port}/FOO?tls-certificates={tmp_path / 'with'}"
+    run(["nbdcopy", str(tmp_path / "in.img"), uri])
+    assert read_file(m.path("FOO")) == data
+    info = run(["nbdinfo", uri]).stdout
+    assert "with TLS" in info, info
+    # Without TLS: refused (NBD_REP_ERR_TLS_REQD); without a client certificate: the
+    # handshake fails. Neither reaches the data.
+    assert run(["nbdinfo", f"nbd://127.0.0.1:{port}/FOO"], check=False).returncode != 0
+    assert run(["nbdinfo", f"nbds://127.0.0.1:{port}/FOO?tls-certificates="
+                f"{tmp_path / 'without'}"], check=False).returncode != 0
+    s = raw_client(m.sock)
+    try:
+        rtype, body = go_error(s, b"FOO")
+        assert rtype == (1 << 31) + 5 and b"requires TLS" in body, (rtype, body)
+    finally:
+        s.close()
+    assert read_file(m.path("FOO")) == data
+    # Bad TLS settings fail the mount, in one line.
+    m.stop()
+    assert_user_error(vdiskfs("mount", m.pool, m.mnt, "--nbd", f"unix:{m.sock}",
+                              "--nbd-tls-cert", certs["server-cert"], check=False),
+                      "--nbd-tls-key")
+    assert_user_error(vdiskfs("mount", m.pool, m.mnt, "--nbd", f"unix:{m.sock}",
+                              "--nbd-tls-cert", certs["ca-cert"], "--nbd-tls-key",
+                              certs["server-key"], check=False), "NBD TLS")
+    assert_user_error(vdiskfs("mount", m.pool, m.mnt, "--nbd", "udp:1", check=False),
+                      "unix:PATH or tcp:HOST:PORT")

@@ -86,8 +86,22 @@ def check_mountpoint(mnt: str, nonempty: bool) -> None:
                         "(--nonempty mounts over them anyway)")
 
 
+def _tls_files(args: argparse.Namespace) -> tuple | None:
+    if not (args.nbd_tls_cert or args.nbd_tls_key or args.nbd_tls_ca):
+        return None
+    if not args.nbd:
+        raise UserError("--nbd-tls-* need --nbd")
+    if not (args.nbd_tls_cert and args.nbd_tls_key):
+        raise UserError("NBD TLS needs both --nbd-tls-cert and --nbd-tls-key")
+    for f in (args.nbd_tls_cert, args.nbd_tls_key, args.nbd_tls_ca):
+        if f and not os.path.isfile(f):
+            raise UserError(f"NBD TLS: no file {f}")
+    return (args.nbd_tls_cert, args.nbd_tls_key, args.nbd_tls_ca)
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     pool_dir = os.path.abspath(args.pool)
+    _tls_files(args)
     mnt = os.path.abspath(args.mountpoint)
     if os.path.commonpath([os.path.realpath(pool_dir), os.path.realpath(mnt)]) == \
             os.path.realpath(mnt):
@@ -101,7 +115,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         return _serve(pool_dir, mnt, args.chunk_size, args.debug, args.ready_fd,
                       args.clone_speed, not args.unsafe_no_data_sync, args.allow_other,
-                      args.nbd, args.nbd_readonly)
+                      args.nbd, args.nbd_readonly, _tls_files(args))
     # Background: a detached child serves; we return once it reports the mount ready.
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "vdiskfs", "mount", "--foreground", "--ready-fd", str(w),
@@ -120,6 +134,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cmd += ["--nbd", ep]
     if args.nbd_readonly:
         cmd.append("--nbd-readonly")
+    for flag, value in (("--nbd-tls-cert", args.nbd_tls_cert), ("--nbd-tls-key", args.nbd_tls_key),
+                        ("--nbd-tls-ca", args.nbd_tls_ca)):
+        if value:
+            cmd += [flag, os.path.abspath(value)]
     if args.debug:
         cmd.append("--debug")
     child = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL,
@@ -138,7 +156,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
            ready_fd: int | None, clone_speed: int, sync_data: bool,
-           allow_other: bool, nbd: list[str] = (), nbd_readonly: bool = False) -> int:
+           allow_other: bool, nbd: list[str] = (), nbd_readonly: bool = False,
+           tls: tuple | None = None) -> int:
     # Imported here: pyfuse3 and trio are needed by the daemon only.
     from .cow.pool import open_pool
     from .fs.daemon import Daemon, setup_logging
@@ -155,7 +174,12 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
         report(str(e))
         raise UserError(str(e)) from None
     setup_logging(pool_dir if ready_fd is not None else None, debug)
-    daemon = Daemon(pool, mnt, clone_speed, allow_other, nbd, nbd_readonly)
+    try:
+        daemon = Daemon(pool, mnt, clone_speed, allow_other, nbd, nbd_readonly, tls)
+    except (OSError, ValueError) as e:      # certificate files (ssl.SSLError is an OSError)
+        pool.close()
+        report(f"NBD TLS: {e}")
+        raise UserError(f"NBD TLS: {e}") from None
     try:
         daemon.mount()
     except Exception as e:
@@ -557,6 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "or tcp:HOST:PORT (repeatable; see docs/NBD.md)")
     m.add_argument("--nbd-readonly", action="store_true",
                    help="NBD exports are read-only")
+    m.add_argument("--nbd-tls-cert", metavar="PEM", help="require TLS (STARTTLS) on NBD: "
+                   "the server's certificate (with --nbd-tls-key)")
+    m.add_argument("--nbd-tls-key", metavar="PEM", help="the server certificate's key")
+    m.add_argument("--nbd-tls-ca", metavar="PEM",
+                   help="require client certificates signed by this CA")
     m.add_argument("--debug", action="store_true",
                    help="log at DEBUG level (the daemon's log: POOL/daemon.log)")
     m.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)

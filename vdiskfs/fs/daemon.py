@@ -55,7 +55,8 @@ def _set_read_ahead(mountpoint: str) -> None:
 
 class Daemon:
     def __init__(self, pool: Pool, mountpoint: str, clone_speed: int = 0,
-                 allow_other: bool = False, nbd: list[str] = (), nbd_readonly: bool = False):
+                 allow_other: bool = False, nbd: list[str] = (), nbd_readonly: bool = False,
+                 tls: tuple | None = None):
         self.pool = pool
         self.allow_other = allow_other
         self.mountpoint = os.path.realpath(mountpoint)
@@ -64,8 +65,9 @@ class Daemon:
         self.extra: extra_ops.ExtraOps | None = None
         self.nbd = None
         if nbd:
-            from ..nbd.server import NbdServer, parse_endpoint
-            self.nbd = NbdServer(self.ops, [parse_endpoint(e) for e in nbd], nbd_readonly)
+            from ..nbd.server import NbdServer, parse_endpoint, tls_context
+            self.nbd = NbdServer(self.ops, [parse_endpoint(e) for e in nbd], nbd_readonly,
+                                 tls_context(*tls) if tls else None)
             self.ops.nbd_exports = self.nbd.exports
 
     def mount(self) -> None:

@@ -21,6 +21,7 @@ Semantics (docs/NBD.md):
 - TRIM and WRITE_ZEROES free the chunks of the range as punch-hole does; a thin VDisk
   never stores zeros, so NO_HOLE is honoured as far as the protocol requires (reads of the
   range return zeros).
+- TLS (``--nbd-tls-*``): STARTTLS is required before anything else when configured.
 - Bad input closes the connection (a bad magic, an oversized option or write) or gets an
   error reply (EINVAL for unknown commands or flags, out-of-range reads; ENOSPC for
   writes past the end; EPERM on read-only exports). Nothing past an export's end is read
@@ -34,6 +35,7 @@ import ipaddress
 import logging
 import os
 import socket as pysocket
+import ssl
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -81,6 +83,18 @@ def parse_endpoint(text: str) -> Endpoint:
     raise ValueError(f"bad NBD endpoint {text!r}: use unix:PATH or tcp:HOST:PORT")
 
 
+def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
+    """The server's TLS: its certificate and key; with ``ca``, clients must present a
+    certificate that CA signed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -114,11 +128,13 @@ async def recv_exactly(stream: trio.abc.Stream, n: int) -> bytes:
 
 
 class NbdServer:
-    def __init__(self, ops: Any, endpoints: list[Endpoint], readonly: bool = False):
+    def __init__(self, ops: Any, endpoints: list[Endpoint], readonly: bool = False,
+                 tls: "ssl.SSLContext | None" = None):
         self.ops = ops                 # fs/operations.py's Operations: pool, syncer, caches
         self.pool = ops.pool
         self.endpoints = endpoints
         self.readonly = readonly
+        self.tls = tls                 # set: every export needs STARTTLS first
         self.clients = 0
         self.exports: dict[int, int] = {}   # vid -> connections serving it
 
@@ -129,7 +145,7 @@ class NbdServer:
         self.socks = []
         for ep in self.endpoints:
             if ep.kind == "tcp":
-                if not is_loopback(ep.host):
+                if not is_loopback(ep.host) and self.tls is None:
                     log.warning("NBD on %s: not a loopback address, reachable from the "
                                 "network without authentication", ep)
                 fam = pysocket.AF_INET6 if ":" in ep.host else pysocket.AF_INET
@@ -170,8 +186,10 @@ class NbdServer:
             return
         self.clients += 1
         try:
+            box = [stream]         # STARTTLS replaces the stream
             with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
-                export = await self._negotiate(stream)
+                export = await self._negotiate(box)
+            stream = box[0]
             if scope.cancelled_caught:
                 log.info("NBD: a client took too long to negotiate; closed")
                 return
@@ -179,13 +197,15 @@ class NbdServer:
                 await self._transmission(stream, *export)
         except (Closed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except ssl.SSLError as e:
+            log.info("NBD: TLS failed with a client: %s", e)
         except p.ProtocolError as e:
             log.info("NBD: protocol error from a client, closed: %s", e)
         finally:
             self.clients -= 1
             try:
                 await stream.aclose()
-            except trio.BrokenResourceError:
+            except (trio.BrokenResourceError, ssl.SSLError, OSError):
                 pass
 
     def _find(self, name: str):
@@ -203,7 +223,8 @@ class NbdServer:
             return f | p.TF_READ_ONLY
         return f | p.TF_SEND_TRIM | p.TF_SEND_WRITE_ZEROES
 
-    async def _negotiate(self, stream):
+    async def _negotiate(self, box: list):
+        stream = box[0]
         await stream.send_all(p.handshake())
         (cflags,) = p.CLIENT_FLAGS.unpack(await recv_exactly(stream, 4))
         if cflags & ~(p.C_FLAG_FIXED_NEWSTYLE | p.C_FLAG_NO_ZEROES):
@@ -217,6 +238,25 @@ class NbdServer:
             if length > p.MAX_OPTION_DATA:
                 raise p.ProtocolError(f"option {opt} of {length} bytes")
             data = await recv_exactly(stream, length)
+            if opt == p.OPT_STARTTLS:
+                if self.tls is None or isinstance(stream, trio.SSLStream) or data:
+                    reply = (p.REP_ERR_UNSUP if self.tls is None else p.REP_ERR_INVALID)
+                    await stream.send_all(p.option_reply(opt, reply))
+                    continue
+                await stream.send_all(p.option_reply(opt, p.REP_ACK))
+                stream = trio.SSLStream(stream, self.tls, server_side=True)
+                await stream.do_handshake()
+                box[0] = stream
+                continue
+            if self.tls is not None and not isinstance(stream, trio.SSLStream):
+                if opt == p.OPT_EXPORT_NAME:
+                    raise Closed("EXPORT_NAME without TLS")
+                if opt == p.OPT_ABORT:
+                    await stream.send_all(p.option_reply(opt, p.REP_ACK))
+                    raise Closed("aborted")
+                await stream.send_all(p.option_reply(opt, p.REP_ERR_TLS_REQD,
+                                                     b"this server requires TLS"))
+                continue
             if opt == p.OPT_EXPORT_NAME:
                 vd, err = self._find(data.decode("utf-8", "replace"))
                 if vd is None:
