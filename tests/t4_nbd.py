@@ -107,9 +107,18 @@ def test_exports_sizes_block_sizes_and_unfinished_clones(served):
 # ---------------------------------------------------------------- data
 def test_round_trips_with_nbdcopy_qemu_img_and_the_file(served, tmp_path):
     m = served.start("--nbd", f"unix:{served.sock}")
-    data = random.Random(2).randbytes(48 * MiB)
+    # A 1 GiB VDisk: data at both ends and in the middle, holes between.
+    data = bytearray(1 << 30)
+    rng = random.Random(2)
+    for off in (0, 300 * MiB, (1 << 30) - 40 * MiB):
+        data[off:off + 40 * MiB] = rng.randbytes(40 * MiB)
+    data = bytes(data)
     src = tmp_path / "in.img"
-    src.write_bytes(data)
+    with open(src, "wb") as f:            # sparse: only the data is written
+        f.truncate(len(data))
+        for off in (0, 300 * MiB, (1 << 30) - 40 * MiB):
+            f.seek(off)
+            f.write(data[off:off + 40 * MiB])
     with open(m.path("FOO"), "wb") as f:
         f.truncate(len(data))
     run(["nbdcopy", str(src), m.uri("FOO")])
@@ -135,7 +144,16 @@ h.pwrite(b"N" * 4096, 65536, nbd.CMD_FLAG_FUA)
         assert os.pread(fd, 4096, 65536) == b"N" * 4096
     finally:
         os.close(fd)
-    # qemu-img over TCP too is in the next test; qemu-io writes with FUA:
+    # A clone taken while a client writes holds the data as of the clone point.
+    libnbd(connect(m.uri("FOO")) + """
+h.pwrite(b"A" * 65536, 0)
+h.flush()
+""")
+    vdiskfs("clone", "-s", "FOO", "-d", "PIT", "-w", "--mount", m.mnt)
+    libnbd(connect(m.uri("FOO")) + 'h.pwrite(b"B" * 65536, 0, nbd.CMD_FLAG_FUA)\n')
+    assert read_file(m.path("PIT"))[:65536] == b"A" * 65536
+    assert read_file(m.path("FOO"))[:65536] == b"B" * 65536
+    # qemu-io writes with FUA:
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a -f 0 64k", m.uri("FOO")])
     assert read_file(m.path("FOO"))[:65536] == b"\x5a" * 65536
 
