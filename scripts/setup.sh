@@ -23,7 +23,8 @@ if [ "${1:-mount}" = test ]; then   # the NBD clients the tests drive the server
   [ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
   command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
 fi
-if [ "${1:-}" = bench ]; then   # the baselines the benchmark compares against
+if [ "${1:-}" = bench ]; then
+  command -v nbdcopy >/dev/null || need_apt+=(libnbd-bin)   # the baselines the benchmark compares against
   command -v bindfs >/dev/null || need_apt+=(bindfs)
   command -v fio >/dev/null || need_apt+=(fio)
   command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)

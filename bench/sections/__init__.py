@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 SECTIONS = ("seq", "fio", "qd", "cache", "ext4", "fresh", "clone", "mount", "lat", "writer",
-            "scrub", "thin")
+            "scrub", "thin", "nbd")
 
 
 def measure_fn(name: str):
