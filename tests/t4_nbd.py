@@ -20,6 +20,7 @@ import time
 import pytest
 
 from support.clones import SLOW, state_of
+from support.nbd_raw import closed, go, go_error, raw_client, request
 from support.common import (Mount, assert_user_error, daemon_log, read_file, run, vdiskfs,
                             wait_until, write_file)
 
@@ -228,56 +229,6 @@ except nbd.Error as e:
 
 
 # ---------------------------------------------------------------- hostile input
-HANDSHAKE_LEN = 18
-
-
-def raw_client(sock_path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(sock_path)
-    assert len(s.recv(HANDSHAKE_LEN, socket.MSG_WAITALL)) == HANDSHAKE_LEN
-    return s
-
-
-def go(s: socket.socket, name: bytes) -> int:
-    """Client flags, then NBD_OPT_GO for ``name``; returns the export size."""
-    s.sendall(struct.pack(">I", 3))
-    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(data)) + data)
-    size = None
-    while True:
-        magic, opt, rtype, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
-        body = s.recv(n, socket.MSG_WAITALL) if n else b""
-        if rtype == 3 and struct.unpack(">H", body[:2])[0] == 0:
-            size = struct.unpack(">Q", body[2:10])[0]
-        if rtype == 1:
-            return size
-        assert rtype < (1 << 31), (rtype, body)
-
-
-def go_error(s: socket.socket, name: bytes) -> tuple[int, bytes]:
-    """NBD_OPT_GO for ``name`` that the server refuses: (reply type, message)."""
-    s.sendall(struct.pack(">I", 3))
-    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
-    s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(data)) + data)
-    magic, opt, rtype, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
-    return rtype, s.recv(n, socket.MSG_WAITALL) if n else b""
-
-
-def request(s, ctype, off, length, flags=0, payload=b"", cookie=7) -> int:
-    s.sendall(struct.pack(">IHHQQI", 0x25609513, flags, ctype, cookie, off, length) + payload)
-    magic, err, got = struct.unpack(">IIQ", s.recv(16, socket.MSG_WAITALL))
-    assert magic == 0x67446698 and got == cookie
-    return err
-
-
-def closed(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except (ConnectionResetError, socket.timeout):
-        return True
-
-
 def test_fuzzed_handshakes_and_requests_leave_the_daemon_serving(served):
     m = served.start("--nbd", f"unix:{served.sock}")
     with open(m.path("FOO"), "wb") as f:

@@ -1,0 +1,63 @@
+"""A raw NBD client for tests: the fixed newstyle handshake and simple-reply requests over
+a Unix socket, byte by byte as proto.md has them, so that tests can send what no real
+client would (and a power-loss test can count acknowledgements exactly)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+IHAVEOPT = 0x49484156454F5054
+REQUEST_MAGIC = 0x25609513
+SIMPLE_REPLY_MAGIC = 0x67446698
+READ, WRITE, DISC, FLUSH, TRIM = 0, 1, 2, 3, 4
+FUA = 1
+
+HANDSHAKE_LEN = 18
+
+
+def raw_client(sock_path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock_path)
+    assert len(s.recv(HANDSHAKE_LEN, socket.MSG_WAITALL)) == HANDSHAKE_LEN
+    return s
+
+
+def go(s: socket.socket, name: bytes) -> int:
+    """Client flags, then NBD_OPT_GO for ``name``; returns the export size."""
+    s.sendall(struct.pack(">I", 3))
+    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
+    size = None
+    while True:
+        magic, opt, rtype, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
+        body = s.recv(n, socket.MSG_WAITALL) if n else b""
+        if rtype == 3 and struct.unpack(">H", body[:2])[0] == 0:
+            size = struct.unpack(">Q", body[2:10])[0]
+        if rtype == 1:
+            return size
+        assert rtype < (1 << 31), (rtype, body)
+
+
+def go_error(s: socket.socket, name: bytes) -> tuple[int, bytes]:
+    """NBD_OPT_GO for ``name`` that the server refuses: (reply type, message)."""
+    s.sendall(struct.pack(">I", 3))
+    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
+    magic, opt, rtype, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
+    return rtype, s.recv(n, socket.MSG_WAITALL) if n else b""
+
+
+def request(s, ctype, off, length, flags=0, payload=b"", cookie=7) -> int:
+    s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, ctype, cookie, off, length) + payload)
+    magic, err, got = struct.unpack(">IIQ", s.recv(16, socket.MSG_WAITALL))
+    assert magic == SIMPLE_REPLY_MAGIC and got == cookie
+    return err
+
+
+def closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, socket.timeout):
+        return True
