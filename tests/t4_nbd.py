@@ -408,3 +408,41 @@ def test_tls_required_with_client_certificates(served, tmp_path):
                               certs["server-key"], check=False), "NBD TLS")
     assert_user_error(vdiskfs("mount", m.pool, m.mnt, "--nbd", "udp:1", check=False),
                       "unix:PATH or tcp:HOST:PORT")
+
+
+def test_pipelined_requests_are_all_answered(served):
+    """Requests sent without waiting (as libnbd and qemu do) are all answered, each once;
+    FUA writes and flushes among them are durable when answered."""
+    m = served.start("--nbd", f"unix:{served.sock}")
+    with open(m.path("FOO"), "wb") as f:
+        f.truncate(4 * MiB)
+    s = raw_client(m.sock)
+    try:
+        go(s, b"FOO")
+        out = b""
+        for i in range(64):
+            flags = 1 if i % 2 else 0                       # every other one with FUA
+            out += struct.pack(">IHHQQI", 0x25609513, flags, 1, 1000 + i, i * 4096, 4096)
+            out += bytes([i]) * 4096
+            if i % 8 == 7:
+                out += struct.pack(">IHHQQI", 0x25609513, 0, 3, 2000 + i, 0, 0)   # FLUSH
+        out += struct.pack(">IHHQQI", 0x25609513, 0, 0, 3000, 0, 64 * 4096)      # READ
+        s.sendall(out)
+        got, read_data = {}, None
+        while len(got) < 64 + 8 + 1:
+            magic, err, cookie = struct.unpack(">IIQ", s.recv(16, socket.MSG_WAITALL))
+            assert magic == 0x67446698 and cookie not in got, cookie
+            got[cookie] = err
+            if cookie == 3000:
+                read_data = s.recv(64 * 4096, socket.MSG_WAITALL)
+        assert set(got.values()) == {0}
+        assert sorted(got) == sorted([1000 + i for i in range(64)]
+                                     + [2000 + i for i in range(7, 64, 8)] + [3000])
+        assert read_data is not None and len(read_data) == 64 * 4096
+    finally:
+        s.close()
+    m.kill9()                 # every write was answered after a FLUSH or with FUA...
+    m.start("--nbd", f"unix:{m.sock}")
+    data = read_file(m.path("FOO"))
+    for i in range(64):
+        assert data[i * 4096:(i + 1) * 4096] == bytes([i]) * 4096, i
