@@ -20,7 +20,7 @@ import time
 import pytest
 
 from support.clones import SLOW, state_of
-from support.nbd_raw import closed, go, go_error, raw_client, request
+from support.nbd_raw import closed, go, go_error, raw_client, recv_exact, request
 from support.common import (Mount, assert_user_error, daemon_log, read_file, run, vdiskfs,
                             wait_until, write_file)
 
@@ -430,11 +430,11 @@ def test_pipelined_requests_are_all_answered(served):
         s.sendall(out)
         got, read_data = {}, None
         while len(got) < 64 + 8 + 1:
-            magic, err, cookie = struct.unpack(">IIQ", s.recv(16, socket.MSG_WAITALL))
+            magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
             assert magic == 0x67446698 and cookie not in got, cookie
             got[cookie] = err
             if cookie == 3000:
-                read_data = s.recv(64 * 4096, socket.MSG_WAITALL)
+                read_data = recv_exact(s, 64 * 4096)
         assert set(got.values()) == {0}
         assert sorted(got) == sorted([1000 + i for i in range(64)]
                                      + [2000 + i for i in range(7, 64, 8)] + [3000])

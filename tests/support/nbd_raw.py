@@ -16,11 +16,22 @@ FUA = 1
 HANDSHAKE_LEN = 18
 
 
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    """``n`` bytes (a socket with a timeout may return less than MSG_WAITALL asks)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
 def raw_client(sock_path: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
     s.connect(sock_path)
-    assert len(s.recv(HANDSHAKE_LEN, socket.MSG_WAITALL)) == HANDSHAKE_LEN
+    assert len(recv_exact(s, HANDSHAKE_LEN)) == HANDSHAKE_LEN
     return s
 
 
@@ -31,8 +42,8 @@ def go(s: socket.socket, name: bytes) -> int:
     s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
     size = None
     while True:
-        magic, opt, rtype, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
-        body = s.recv(n, socket.MSG_WAITALL) if n else b""
+        magic, opt, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+        body = recv_exact(s, n) if n else b""
         if rtype == 3 and struct.unpack(">H", body[:2])[0] == 0:
             size = struct.unpack(">Q", body[2:10])[0]
         if rtype == 1:
@@ -45,13 +56,13 @@ def go_error(s: socket.socket, name: bytes) -> tuple[int, bytes]:
     s.sendall(struct.pack(">I", 3))
     data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
     s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
-    magic, opt, rtype, n = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))
-    return rtype, s.recv(n, socket.MSG_WAITALL) if n else b""
+    magic, opt, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+    return rtype, recv_exact(s, n) if n else b""
 
 
 def request(s, ctype, off, length, flags=0, payload=b"", cookie=7) -> int:
     s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, ctype, cookie, off, length) + payload)
-    magic, err, got = struct.unpack(">IIQ", s.recv(16, socket.MSG_WAITALL))
+    magic, err, got = struct.unpack(">IIQ", recv_exact(s, 16))
     assert magic == SIMPLE_REPLY_MAGIC and got == cookie
     return err
 
