@@ -6,6 +6,8 @@
 #                                 qemu-utils; run the benchmark suite (bench/run.py)
 #   bash scripts/setup.sh deps    only install
 set -euo pipefail
+# VDISKFS_VENV: use this venv instead of ./.venv (relative to where setup is run from).
+[ -z "${VDISKFS_VENV:-}" ] || VDISKFS_VENV=$(realpath -m -- "$VDISKFS_VENV")
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV=${VDISKFS_VENV:-$ROOT/.venv}
@@ -63,21 +65,25 @@ for prog in vdiskfs qclone; do
   fi
 done
 MAN=${VDISKFS_MAN:-/usr/local/share/man/man1}
-if [ ! -e "$MAN/vdiskfs.1" ] || [ vdiskfs/cli.py -nt "$MAN/vdiskfs.1" ] || [ "$stamp" -nt "$MAN/vdiskfs.1" ]; then
-  mkdir -p "$MAN"
-  "$VENV/bin/python" scripts/manpages.py "$MAN" || echo "setup: warning: man pages not installed" >&2
+if [ -e scripts/manpages.py ] && { [ ! -e "$MAN/vdiskfs.1" ] || [ vdiskfs/cli.py -nt "$MAN/vdiskfs.1" ] ||
+    [ "$stamp" -nt "$MAN/vdiskfs.1" ]; }; then
+  { mkdir -p "$MAN" && "$VENV/bin/python" scripts/manpages.py "$MAN"; } ||
+    echo "setup: warning: man pages not installed in $MAN" >&2
 fi
 
 case "${1:-mount}" in
   deps) ;;
   mount)
-    mkdir -p "$ROOT/pool" "$ROOT/mnt"
     if where=$("$VENV/bin/python" -c 'import sys; from vdiskfs.ctl.client import vdiskfs_mounts
 m = [mp for p, mp in vdiskfs_mounts() if p == sys.argv[1]]; print(m[-1]) if m else sys.exit(1)' "$ROOT/pool") \
         && "$VENV/bin/vdiskfs" list --mount "$where" >/dev/null 2>&1; then
       echo "vdiskfs: pool $ROOT/pool is already mounted at $where; stop with: vdiskfs umount $where"
       exit 0
     fi
+    # Not mkdir -p for ./mnt: on a dead mount (its daemon killed) it fails with "Transport
+    # endpoint is not connected"; vdiskfs mount cleans that up and reports the rest.
+    mkdir -p "$ROOT/pool"
+    mkdir "$ROOT/mnt" 2>/dev/null || true
     "$VENV/bin/vdiskfs" mount "$ROOT/pool" "$ROOT/mnt"
     cat <<MSG
 
