@@ -301,7 +301,10 @@ def cmd_create(args: argparse.Namespace) -> int:
                         f"{e.strerror}") from None
     os.close(fd)
     print(f"created VDisk {args.name} of {human(args.size)} ({args.size} bytes)")
-    pool = read_listing(mnt)["pool"]
+    try:
+        pool = read_listing(mnt)["pool"]
+    except UserError:          # a daemon of another version: the VDisk is made, no warning
+        return 0
     if pool["provisioned"] > pool["backing_capacity"]:
         print(f"vdiskfs: warning: the pool is overcommitted: VDisks of "
               f"{human(pool['provisioned'])} on a backing filesystem of "
