@@ -614,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list the VDisks of a mount and the pool's space",
                         description="One row per VDisk: size, allocated, unique and shared "
-                        "bytes, lba_size, serial, state (ok, in use, cloning N%%, clone "
+                        "bytes, lba_size, serial, state (ok, in use, cloning N%, clone "
                         "source, Error); then the pool's summary and its warnings.")
     ls.add_argument("-o", "--output", default=DEFAULT_COLUMNS, metavar="COLUMNS",
                     help=f"comma-separated columns (default {DEFAULT_COLUMNS}; also "
