@@ -201,6 +201,8 @@ class NbdServer:
             log.info("NBD: TLS failed with a client: %s", e)
         except p.ProtocolError as e:
             log.info("NBD: protocol error from a client, closed: %s", e)
+        except Exception:      # a bug must cost this connection, never the mount
+            log.exception("NBD: unexpected error; the connection is closed")
         finally:
             self.clients -= 1
             try:
@@ -402,9 +404,14 @@ class NbdServer:
                 return p.ENOSPC, b""
             await self._coherent_read(vd, off, length)   # older dirty pages go first
             if ctype == p.CMD_WRITE:
-                self.pool.write(vd, off, payload)
-            elif length:
-                self.pool.fallocate(vd, PUNCH, off, length)
+                call, args = self.pool.write, (vd, off, payload)
+            else:
+                call, args = self.pool.fallocate, (vd, PUNCH, off, length)
+            if length:
+                try:
+                    call(*args)
+                except OSError as e:     # ENOSPC with frees pending: commit them, retry once
+                    await self.ops._retry_enospc(e, call, *args)    # noqa: SLF001
             await self._dropped(vd, off, length)
             if cflags & p.CMD_FLAG_FUA:
                 await self.ops.syncer.sync()
