@@ -167,6 +167,9 @@ def test_every_subcommand_refuses_bad_input_in_one_line(mount, tmp_path):
         (["mount", str(tmp_path / "p2"), dead, "--chunk-size", "lots"], ["bad size"]),
         (["mount", os.path.join(dead, "pool"), dead], ["inside the mount point"]),
         (["mount", dead, dead], ["inside the mount point"]),
+        (["mount", str(tmp_path / "p2"), dead, "--nbd-readonly"], ["need --nbd"]),
+        (["mount", str(tmp_path / "p2"), dead, "--nbd-readonly-export", "FOO"], ["need --nbd"]),
+        (["mount", str(tmp_path / "p2"), dead, "--nbd", "tcp:nohost"], ["bad NBD endpoint"]),
         (["lst"], ["unknown command"]),
         (["bogus", "x", "y"], ["unknown command"]),
     ]

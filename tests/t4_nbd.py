@@ -226,6 +226,17 @@ except nbd.Error as e:
     finally:
         s.close()
     assert read_file(m.path("FOO"))[:4] == b"keep"
+    # Read-only per export: FOO is, BAR is not.
+    write_file(m.path("BAR"), b"bar!" * 1024)
+    m.stop()
+    m.start("--nbd", f"unix:{m.sock}", "--nbd-readonly-export", "FOO")
+    out = libnbd(connect(m.uri("FOO")) + "print(h.is_read_only())\n"
+                 + connect(m.uri("BAR")) + """
+print(h.is_read_only())
+h.pwrite(b"w" * 512, 0, nbd.CMD_FLAG_FUA)
+""").stdout.split()
+    assert out == ["True", "False"], out
+    assert read_file(m.path("BAR"))[:1] == b"w" and read_file(m.path("FOO"))[:4] == b"keep"
 
 
 # ---------------------------------------------------------------- hostile input

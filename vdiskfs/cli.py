@@ -86,11 +86,20 @@ def check_mountpoint(mnt: str, nonempty: bool) -> None:
                         "(--nonempty mounts over them anyway)")
 
 
+def _nbd_config(args: argparse.Namespace) -> "NbdConfig | None":
+    from .nbd.config import NbdConfig, parse_endpoint
+    if not args.nbd:
+        if args.nbd_readonly or args.nbd_readonly_export or args.nbd_tls_cert or \
+                args.nbd_tls_key or args.nbd_tls_ca:
+            raise UserError("--nbd-readonly* and --nbd-tls-* need --nbd")
+        return None
+    return NbdConfig(tuple(parse_endpoint(e) for e in args.nbd), args.nbd_readonly,
+                     frozenset(args.nbd_readonly_export), _tls_files(args))
+
+
 def _tls_files(args: argparse.Namespace) -> tuple | None:
     if not (args.nbd_tls_cert or args.nbd_tls_key or args.nbd_tls_ca):
         return None
-    if not args.nbd:
-        raise UserError("--nbd-tls-* need --nbd")
     if not (args.nbd_tls_cert and args.nbd_tls_key):
         raise UserError("NBD TLS needs both --nbd-tls-cert and --nbd-tls-key")
     for f in (args.nbd_tls_cert, args.nbd_tls_key, args.nbd_tls_ca):
@@ -101,7 +110,7 @@ def _tls_files(args: argparse.Namespace) -> tuple | None:
 
 def cmd_mount(args: argparse.Namespace) -> int:
     pool_dir = os.path.abspath(args.pool)
-    _tls_files(args)
+    _nbd_config(args)                  # usage errors before anything is touched
     mnt = os.path.abspath(args.mountpoint)
     if os.path.commonpath([os.path.realpath(pool_dir), os.path.realpath(mnt)]) == \
             os.path.realpath(mnt):
@@ -115,7 +124,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         return _serve(pool_dir, mnt, args.chunk_size, args.debug, args.ready_fd,
                       args.clone_speed, not args.unsafe_no_data_sync, args.allow_other,
-                      args.nbd, args.nbd_readonly, _tls_files(args))
+                      _nbd_config(args))
     # Background: a detached child serves; we return once it reports the mount ready.
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "vdiskfs", "mount", "--foreground", "--ready-fd", str(w),
@@ -134,6 +143,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cmd += ["--nbd", ep]
     if args.nbd_readonly:
         cmd.append("--nbd-readonly")
+    for name in args.nbd_readonly_export:
+        cmd += ["--nbd-readonly-export", name]
     for flag, value in (("--nbd-tls-cert", args.nbd_tls_cert), ("--nbd-tls-key", args.nbd_tls_key),
                         ("--nbd-tls-ca", args.nbd_tls_ca)):
         if value:
@@ -156,8 +167,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
            ready_fd: int | None, clone_speed: int, sync_data: bool,
-           allow_other: bool, nbd: list[str] = (), nbd_readonly: bool = False,
-           tls: tuple | None = None) -> int:
+           allow_other: bool, nbd: "NbdConfig | None" = None) -> int:
     # Imported here: pyfuse3 and trio are needed by the daemon only.
     from .cow.pool import open_pool
     from .fs.daemon import Daemon, setup_logging
@@ -175,7 +185,7 @@ def _serve(pool_dir: str, mnt: str, chunk_size: int | None, debug: bool,
         raise UserError(str(e)) from None
     setup_logging(pool_dir if ready_fd is not None else None, debug)
     try:
-        daemon = Daemon(pool, mnt, clone_speed, allow_other, nbd, nbd_readonly, tls)
+        daemon = Daemon(pool, mnt, clone_speed, allow_other, nbd)
     except (OSError, ValueError) as e:      # certificate files (ssl.SSLError is an OSError)
         pool.close()
         report(f"NBD TLS: {e}")
@@ -539,7 +549,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def _nbd_endpoint(text: str) -> str:
-    from .nbd.server import parse_endpoint
+    from .nbd.config import parse_endpoint
     try:
         parse_endpoint(text)
     except ValueError as e:
@@ -583,7 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also serve every completed VDisk over NBD at unix:PATH (mode 0600) "
                         "or tcp:HOST:PORT (repeatable; see docs/NBD.md)")
     m.add_argument("--nbd-readonly", action="store_true",
-                   help="NBD exports are read-only")
+                   help="every NBD export is read-only")
+    m.add_argument("--nbd-readonly-export", action="append", default=[], metavar="NAME",
+                   help="this VDisk's NBD export is read-only (repeatable)")
     m.add_argument("--nbd-tls-cert", metavar="PEM", help="require TLS (STARTTLS) on NBD: "
                    "the server's certificate (with --nbd-tls-key)")
     m.add_argument("--nbd-tls-key", metavar="PEM", help="the server certificate's key")

@@ -11,6 +11,7 @@ import trio
 
 from ..cow import layout
 from ..cow.pool import Pool
+from ..nbd.config import NbdConfig
 from . import extra_ops, killpriv
 from .operations import Operations
 
@@ -55,8 +56,7 @@ def _set_read_ahead(mountpoint: str) -> None:
 
 class Daemon:
     def __init__(self, pool: Pool, mountpoint: str, clone_speed: int = 0,
-                 allow_other: bool = False, nbd: list[str] = (), nbd_readonly: bool = False,
-                 tls: tuple | None = None):
+                 allow_other: bool = False, nbd: "NbdConfig | None" = None):
         self.pool = pool
         self.allow_other = allow_other
         self.mountpoint = os.path.realpath(mountpoint)
@@ -64,10 +64,9 @@ class Daemon:
         self.signalled = False
         self.extra: extra_ops.ExtraOps | None = None
         self.nbd = None
-        if nbd:
-            from ..nbd.server import NbdServer, parse_endpoint, tls_context
-            self.nbd = NbdServer(self.ops, [parse_endpoint(e) for e in nbd], nbd_readonly,
-                                 tls_context(*tls) if tls else None)
+        if nbd is not None:
+            from ..nbd.server import NbdServer
+            self.nbd = NbdServer(self.ops, nbd)
             self.ops.nbd_exports = self.nbd.exports
 
     def mount(self) -> None:

@@ -4,8 +4,9 @@ Runs on the daemon's trio loop beside the FUSE handlers and calls the same engin
 NBD request is ordered with every other change exactly as a FUSE request is. Per
 connection: the fixed newstyle handshake (NO_ZEROES; options EXPORT_NAME, ABORT, LIST,
 INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT for base:allocation;
-STARTTLS and the others are refused with NBD_REP_ERR_UNSUP), then transmission, one
-request at a time in the order sent; with structured replies, BLOCK_STATUS reports the
+STARTTLS and the others are refused with NBD_REP_ERR_UNSUP), then transmission: requests
+applied in the order sent, FLUSH and FUA answered once durable while the requests after
+them are served (replies out of order); with structured replies, BLOCK_STATUS reports the
 allocation map so that clients (nbdcopy, qemu-img convert) skip holes.
 
 Semantics (docs/NBD.md):
@@ -25,18 +26,21 @@ Semantics (docs/NBD.md):
 - Bad input closes the connection (a bad magic, an oversized option or write) or gets an
   error reply (EINVAL for unknown commands or flags, out-of-range reads; ENOSPC for
   writes past the end; EPERM on read-only exports). Nothing past an export's end is read
-  or written. At most ``MAX_CLIENTS`` connections and ``MAX_REQUEST`` bytes per request.
+  or written. At most ``MAX_CLIENTS`` connections, ``MAX_REQUEST`` bytes per request,
+  ``MAX_PENDING`` durability waits per connection and ``MAX_BUFFERED`` bytes of payloads
+  and replies held over all connections; a write's payload must arrive within
+  ``PAYLOAD_TIMEOUT``.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import socket as pysocket
 import ssl
 import stat
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +48,16 @@ import trio
 
 from ..cow.errors import VDiskError
 from . import protocol as p
+from .config import NbdConfig, is_loopback
 
 log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 64
+MAX_PENDING = 64                       # requests waiting for durability, per connection
+MAX_BUFFERED = 256 << 20               # payloads and read replies held, all connections
+PAYLOAD_TIMEOUT = 60.0                 # seconds a write's payload may take to arrive
+CLOSE_GRACE = 5.0                      # seconds to answer what is in flight at a close
+WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
 MAX_REQUEST = 32 << 20                 # bytes per READ/WRITE (NBD_INFO_BLOCK_SIZE maximum)
 PREFERRED_BLOCK = 4096
 MAX_EXTENTS = 1 << 16                  # descriptors per BLOCK_STATUS reply
@@ -57,30 +67,6 @@ ERRNO_ON_WIRE = {errno.EPERM: p.EPERM, errno.EIO: p.EIO, errno.ENOMEM: p.ENOMEM,
                  errno.EINVAL: p.EINVAL, errno.ENOSPC: p.ENOSPC, errno.EDQUOT: p.ENOSPC,
                  errno.EFBIG: p.ENOSPC, errno.EOVERFLOW: p.EOVERFLOW,
                  errno.EOPNOTSUPP: p.ENOTSUP, errno.ESHUTDOWN: p.ESHUTDOWN}
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    kind: str             # "unix" or "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
-
-
-def parse_endpoint(text: str) -> Endpoint:
-    """``unix:PATH`` or ``tcp:HOST:PORT`` (``tcp:[::1]:PORT`` for IPv6)."""
-    kind, _, rest = text.partition(":")
-    if kind == "unix" and rest:
-        return Endpoint("unix", path=os.path.abspath(rest))
-    if kind == "tcp" and rest:
-        host, _, port = rest.rpartition(":")
-        host = host.strip("[]")
-        if host and port.isdigit() and 0 < int(port) < 65536:
-            return Endpoint("tcp", host=host, port=int(port))
-    raise ValueError(f"bad NBD endpoint {text!r}: use unix:PATH or tcp:HOST:PORT")
 
 
 def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
@@ -95,19 +81,13 @@ def tls_context(cert: str, key: str, ca: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 @dataclass
 class Conn:
     """What one connection negotiated."""
     structured: bool = False       # NBD_OPT_STRUCTURED_REPLY
     allocation: bool = False       # base:allocation selected (BLOCK_STATUS allowed)
     meta_export: str | None = None  # the export SET_META_CONTEXT was for
+    readonly: bool = False         # the export was offered read-only
 
 
 ALLOCATION_ID = 1                  # the context id of base:allocation
@@ -127,14 +107,76 @@ async def recv_exactly(stream: trio.abc.Stream, n: int) -> bytes:
     return bytes(buf)
 
 
+class Replies:
+    """One connection's replies: whole, one at a time (tasks answer out of order)."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: Conn):
+        self.stream = stream
+        self.conn = conn
+        self._busy = False         # a plain flag and a lot: cheaper than trio.Lock per reply
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def reply(self, cookie: int, ctype: int, off: int, error: int, data: bytes) -> bytes:
+        if not self.conn.structured:
+            return p.simple_reply(error, cookie) + data
+        if error:
+            return p.structured_error(cookie, error)
+        if ctype == p.CMD_READ:
+            return p.structured(cookie, p.REPLY_TYPE_OFFSET_DATA,
+                                off.to_bytes(8, "big") + data)
+        return p.structured(cookie, p.REPLY_TYPE_NONE, b"")
+
+    async def send(self, data: bytes) -> None:
+        while self._busy:          # another task's reply is half sent
+            await self._lot.park()
+        self._busy = True
+        try:
+            await self.stream.send_all(data)
+        finally:
+            self._busy = False
+            if self._lot:
+                self._lot.unpark()
+
+
+@dataclass
+class Stall:
+    started: float = 0.0           # time.monotonic() when a write's payload began to arrive
+
+
+class ByteBudget:
+    """Bytes of request payloads and read replies the server holds at once, over all
+    connections: a client beyond it waits before its payload is read."""
+
+    def __init__(self, total: int):
+        self.total = self.free = total
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def take(self, n: int) -> int:
+        n = min(n, self.total)
+        while self.free < n:
+            await self._lot.park()
+        self.free -= n
+        return n
+
+    def give(self, n: int) -> None:
+        if n:
+            self.free += n
+            if self._lot:
+                self._lot.unpark_all()
+
+
 class NbdServer:
-    def __init__(self, ops: Any, endpoints: list[Endpoint], readonly: bool = False,
-                 tls: "ssl.SSLContext | None" = None):
+    max_pending = MAX_PENDING          # per connection (instance attributes in tests)
+    payload_timeout = PAYLOAD_TIMEOUT
+
+    def __init__(self, ops: Any, config: NbdConfig):
         self.ops = ops                 # fs/operations.py's Operations: pool, syncer, caches
         self.pool = ops.pool
-        self.endpoints = endpoints
-        self.readonly = readonly
-        self.tls = tls                 # set: every export needs STARTTLS first
+        self.config = config
+        self.endpoints = config.endpoints
+        # set: every export needs STARTTLS first (bad files fail here, before the mount)
+        self.tls = tls_context(*config.tls) if config.tls else None
+        self.budget = ByteBudget(MAX_BUFFERED)
         self.clients = 0
         self.exports: dict[int, int] = {}   # vid -> connections serving it
 
@@ -219,9 +261,9 @@ class NbdServer:
             return None, (p.REP_ERR_POLICY, f"VDisk {name} is a clone that has not completed")
         return vd, None
 
-    def _flags(self) -> int:
+    def _flags(self, vd) -> int:
         f = (p.TF_HAS_FLAGS | p.TF_SEND_FLUSH | p.TF_SEND_FUA | p.TF_CAN_MULTI_CONN)
-        if self.readonly:
+        if self.config.readonly_for(vd.name):
             return f | p.TF_READ_ONLY
         return f | p.TF_SEND_TRIM | p.TF_SEND_WRITE_ZEROES
 
@@ -263,7 +305,7 @@ class NbdServer:
                 vd, err = self._find(data.decode("utf-8", "replace"))
                 if vd is None:
                     raise Closed(err[1])     # proto.md: no error reply to EXPORT_NAME
-                await stream.send_all(p.EXPORT_NAME_REPLY.pack(vd.size, self._flags())
+                await stream.send_all(p.EXPORT_NAME_REPLY.pack(vd.size, self._flags(vd))
                                       + (b"" if no_zeroes else bytes(124)))
                 return vd, self._selected(conn, vd)
             if opt == p.OPT_ABORT:
@@ -291,7 +333,7 @@ class NbdServer:
                 if vd is None:
                     await stream.send_all(p.option_reply(opt, err[0], err[1].encode()))
                     continue
-                out = p.option_reply(opt, p.REP_INFO, p.info_export(vd.size, self._flags()))
+                out = p.option_reply(opt, p.REP_INFO, p.info_export(vd.size, self._flags(vd)))
                 if p.INFO_BLOCK_SIZE in reqs:
                     out += p.option_reply(opt, p.REP_INFO, p.info_block_size(
                         vd.props["lba_size"], PREFERRED_BLOCK, MAX_REQUEST))
@@ -340,41 +382,44 @@ class NbdServer:
     def _selected(self, conn: Conn, vd) -> Conn:
         if conn.meta_export is not None and conn.meta_export != vd.name:
             conn.allocation = False     # chosen for another export: void (proto.md)
+        conn.readonly = self.config.readonly_for(vd.name)   # as negotiated, even if renamed later
         return conn
 
     # ------------------------------------------------------------ transmission
     async def _transmission(self, stream, vd, conn: Conn) -> None:
+        """Requests are applied to the engine in the order they arrive (it runs on this
+        loop, ordered with the FUSE requests). A FLUSH, or a write with FUA, then waits
+        for the group commit in a task of its own, so the requests after it are served
+        and answered meanwhile: replies go out of order. Bounded: at most
+        ``max_pending`` such waits per connection (then the next request waits to be
+        read), one request's payload and one reply buffered per connection, and
+        ``MAX_BUFFERED`` bytes of those over all connections."""
         pool = self.pool
         pool.opened(vd)           # in use: no delete, no replacing rename, no lba_size
         self.exports[vd.vid] = self.exports.get(vd.vid, 0) + 1
         log.info("NBD: serving %s to a client", vd.name)
+        out = Replies(stream, conn)
+        pending = trio.Semaphore(self.max_pending)
+        stall = Stall()
+        failure: BaseException | None = None
         try:
-            while True:
-                magic, cflags, ctype, cookie, off, length = p.REQUEST.unpack(
-                    await recv_exactly(stream, p.REQUEST.size))
-                if magic != p.REQUEST_MAGIC:
-                    raise p.ProtocolError("bad request magic")
-                payload = b""
-                if ctype == p.CMD_WRITE:
-                    if length > MAX_REQUEST:
-                        raise p.ProtocolError(f"write of {length} bytes")
-                    payload = await recv_exactly(stream, length)
-                if ctype == p.CMD_DISC:
-                    return
-                if ctype == p.CMD_BLOCK_STATUS and conn.allocation:
-                    await stream.send_all(await self._block_status(vd, cookie, cflags, off,
-                                                                   length))
-                    continue
-                error, data = await self._command(vd, cflags, ctype, off, length, payload)
-                if not conn.structured:
-                    await stream.send_all(p.simple_reply(error, cookie) + data)
-                elif error:
-                    await stream.send_all(p.structured_error(cookie, error))
-                elif ctype == p.CMD_READ:
-                    await stream.send_all(p.structured(cookie, p.REPLY_TYPE_OFFSET_DATA,
-                                                       off.to_bytes(8, "big") + data))
-                else:
-                    await stream.send_all(p.structured(cookie, p.REPLY_TYPE_NONE, b""))
+            async with trio.open_nursery() as waits:
+                reading = trio.CancelScope()
+                watch = await waits.start(self._watch_payloads, reading, stall)
+                try:
+                    with reading:
+                        await self._requests(stream, out, vd, conn, waits, pending, stall)
+                    if reading.cancelled_caught:
+                        raise Closed(f"a write's payload took over {self.payload_timeout:g} s")
+                except (Closed, p.ProtocolError, trio.BrokenResourceError,
+                        trio.ClosedResourceError, ssl.SSLError) as e:
+                    # Replies still waiting may yet reach a client that only shut
+                    # its sending side; a client that reads nothing holds no slot.
+                    failure = e
+                    waits.cancel_scope.deadline = trio.current_time() + CLOSE_GRACE
+                finally:
+                    watch.cancel()
+            # DISC: every request in flight has been answered (proto.md)
         finally:
             self.exports[vd.vid] -= 1
             if not self.exports[vd.vid]:
@@ -382,8 +427,80 @@ class NbdServer:
             pool.released(vd)
             if vd.vid not in self.ops.lookups:
                 pool.forget(vd)
+        if failure is not None:
+            raise failure
 
-    async def _command(self, vd, cflags, ctype, off, length, payload) -> tuple[int, bytes]:
+    async def _requests(self, stream, out: "Replies", vd, conn: Conn, waits: trio.Nursery,
+                        pending: trio.Semaphore, stall: "Stall") -> None:
+        budget = self.budget
+        while True:
+            magic, cflags, ctype, cookie, off, length = p.REQUEST.unpack(
+                await recv_exactly(stream, p.REQUEST.size))
+            if magic != p.REQUEST_MAGIC:
+                raise p.ProtocolError("bad request magic")
+            if ctype == p.CMD_DISC:
+                return
+            buffered = 0
+            if ctype in (p.CMD_WRITE, p.CMD_READ) and length <= MAX_REQUEST:
+                if budget.free >= length:    # the usual case, without a coroutine
+                    budget.free -= length
+                    buffered = length
+                else:
+                    buffered = await budget.take(length)
+            try:
+                payload = b""
+                if ctype == p.CMD_WRITE:
+                    if length > MAX_REQUEST:
+                        raise p.ProtocolError(f"write of {length} bytes")
+                    stall.started = time.monotonic()
+                    payload = await recv_exactly(stream, length)
+                    stall.started = 0.0
+                if ctype == p.CMD_BLOCK_STATUS and conn.allocation:
+                    await out.send(await self._block_status(vd, cookie, cflags, off, length))
+                    continue
+                error, data = await self._command(vd, conn, cflags, ctype, off, length,
+                                                  payload)
+                del payload
+                durable = ctype == p.CMD_FLUSH or (
+                    cflags & p.CMD_FLAG_FUA and ctype in WRITES)
+                if error or not durable:
+                    await out.send(out.reply(cookie, ctype, off, error, data))
+                    continue
+            finally:
+                budget.give(buffered)
+            await pending.acquire()
+            waits.start_soon(self._reply_when_durable, out, pending, vd, cookie, ctype)
+
+    async def _watch_payloads(self, reading: trio.CancelScope, stall: "Stall",
+                              task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Cut off a connection whose write payload stalls (it holds buffer budget).
+        A watchdog per connection, not a deadline per request: that costs every write."""
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            while True:
+                await trio.sleep(self.payload_timeout / 4)
+                if stall.started and time.monotonic() - stall.started > self.payload_timeout:
+                    reading.cancel()
+                    return
+
+    async def _reply_when_durable(self, out: "Replies", pending: trio.Semaphore, vd,
+                                  cookie: int, ctype: int) -> None:
+        try:
+            try:
+                await self.ops.syncer.sync()
+                error = 0
+            except (VDiskError, OSError) as e:   # a fail-stop: nothing is acknowledged
+                log.error("NBD flush on %s: %s", vd.name, e)
+                error = ERRNO_ON_WIRE.get(e.errno, p.EIO)
+            await out.send(out.reply(cookie, ctype, 0, error, b""))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError):
+            pass                  # the client went away; the reader sees it too
+        finally:
+            pending.release()
+
+    async def _command(self, vd, conn: Conn, cflags, ctype, off, length,
+                       payload) -> tuple[int, bytes]:
+        """Apply one request; FLUSH and FUA leave the wait for durability to the caller."""
         if cflags & ~p.CMD_FLAGS_KNOWN:
             return p.EINVAL, b""
         end = off + length
@@ -394,11 +511,10 @@ class NbdServer:
                 await self._coherent_read(vd, off, length)
                 return 0, bytes(self.pool.read(vd, off, length))
             if ctype == p.CMD_FLUSH:
-                await self.ops.syncer.sync()
                 return 0, b""
-            if ctype not in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+            if ctype not in WRITES:
                 return p.EINVAL, b""
-            if self.readonly:
+            if conn.readonly:
                 return p.EPERM, b""
             if end > vd.size:
                 return p.ENOSPC, b""
@@ -413,8 +529,6 @@ class NbdServer:
                 except OSError as e:     # ENOSPC with frees pending: commit them, retry once
                     await self.ops._retry_enospc(e, call, *args)    # noqa: SLF001
             await self._dropped(vd, off, length)
-            if cflags & p.CMD_FLAG_FUA:
-                await self.ops.syncer.sync()
             return 0, b""
         except VDiskError as e:
             return ERRNO_ON_WIRE.get(e.errno, p.EIO), b""
