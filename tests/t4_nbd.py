@@ -175,6 +175,15 @@ assert h.pread(4096, {40 * MiB}) == bytes(4096)
 """)
     wait_until(lambda: int(os.getxattr(m.path("FOO"), "user.vdisk.allocated")) == 16 * MiB,
                "the trimmed and zeroed chunks to be freed")
+    # CAN_MULTI_CONN: a write answered on one connection is made durable by a flush on
+    # another (the write goes to a trimmed chunk: a new mapping, lost without a commit).
+    libnbd(connect(m.uri("FOO")) + f"""
+assert h.can_multi_conn()
+h2 = nbd.NBD()
+h2.connect_uri({m.uri("FOO")!r})
+h2.pwrite(b"M" * 4096, {8 * MiB})
+h.flush()
+""")
     # FUA and FLUSH are durable: a crash right after keeps them.
     m.kill9()
     m.start("--nbd", f"unix:{m.sock}")
@@ -183,6 +192,8 @@ assert h.pread(4096, {40 * MiB}) == bytes(4096)
         assert f.read(4096) == b"D" * 4096
         f.seek(0)
         assert f.read(4096) == bytes(4096)
+        f.seek(8 * MiB)
+        assert f.read(4096) == b"M" * 4096
 
 
 def test_in_use_while_exported_and_readonly(served):
