@@ -5,12 +5,25 @@
 #   bash scripts/setup.sh bench [--quick] [run.py args]   also bindfs, fio, xfsprogs,
 #                                 qemu-utils; run the benchmark suite (bench/run.py)
 #   bash scripts/setup.sh deps    only install
+#   bash scripts/setup.sh ceph [DIR] [--port P] [--pool NAME]   also ceph-mon, ceph-osd,
+#                                 python3-rados (librados in the venv); start a throwaway
+#                                 single-node Ceph (docs/CEPH.md); last line CEPH_CONF=...
+#   bash scripts/setup.sh ceph stop|status [DIR]   stop it (removes DIR) / say if it runs
 set -euo pipefail
 # VDISKFS_VENV: use this venv instead of ./.venv (relative to where setup is run from).
 [ -z "${VDISKFS_VENV:-}" ] || VDISKFS_VENV=$(realpath -m -- "$VDISKFS_VENV")
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV=${VDISKFS_VENV:-$ROOT/.venv}
+
+# Stopping the try-out cluster installs nothing (scripts/ceph.py needs only the stdlib).
+if [ "${1:-}" = ceph ] && { [ "${2:-}" = stop ] || [ "${2:-}" = status ]; }; then
+  shift
+  for py in "$VENV/bin/python" /usr/bin/python3 python3; do
+    command -v "$py" >/dev/null && exec "$py" scripts/ceph.py "$@"
+  done
+  echo "setup: no python to run scripts/ceph.py" >&2; exit 1
+fi
 
 need_apt=()
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
@@ -24,6 +37,12 @@ if [ "${1:-mount}" = test ]; then   # the NBD clients the tests drive the server
   command -v nbdinfo >/dev/null || need_apt+=(libnbd-bin)
   [ -e /usr/lib/python3/dist-packages/nbd.py ] || need_apt+=(python3-libnbd)
   command -v qemu-img >/dev/null || need_apt+=(qemu-utils)
+fi
+RADOS_SO=/usr/lib/python3/dist-packages/rados.cpython-311-x86_64-linux-gnu.so
+if [ "${1:-mount}" = test ] || [ "${1:-}" = ceph ]; then   # a single-node Ceph for the RADOS tests
+  command -v ceph-mon >/dev/null || need_apt+=(ceph-mon)
+  command -v ceph-osd >/dev/null || need_apt+=(ceph-osd)
+  [ -e "$RADOS_SO" ] || need_apt+=(python3-rados)
 fi
 if [ "${1:-}" = bench ]; then
   command -v nbdcopy >/dev/null || need_apt+=(libnbd-bin)   # the baselines the benchmark compares against
@@ -64,6 +83,22 @@ for prog in vdiskfs qclone; do
     echo "setup: warning: $link exists and is not a link; not replacing it" >&2
   fi
 done
+# Debian's librados binding importable from the venv (a Python 3.11 like Debian's): a .pth
+# naming a directory that holds only a link to it, not all of dist-packages.
+if [ "${1:-mount}" = test ] || [ "${1:-}" = ceph ]; then
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  suffix=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  if [ "$suffix" = .cpython-311-x86_64-linux-gnu.so ]; then
+    mkdir -p "$VENV/rados-link"
+    [ "$(readlink "$VENV/rados-link/rados$suffix" 2>/dev/null)" = "$RADOS_SO" ] ||
+      ln -sfn "$RADOS_SO" "$VENV/rados-link/rados$suffix"
+    [ "$(cat "$site/vdiskfs-rados.pth" 2>/dev/null)" = "$VENV/rados-link" ] ||
+      echo "$VENV/rados-link" > "$site/vdiskfs-rados.pth"
+  else
+    echo "setup: warning: $VENV is not a CPython 3.11 venv ($suffix): Debian's librados" \
+      "binding ($RADOS_SO) cannot be imported from it" >&2
+  fi
+fi
 MAN=${VDISKFS_MAN:-/usr/local/share/man/man1}
 if [ -e scripts/manpages.py ] && { [ ! -e "$MAN/vdiskfs.1" ] || [ vdiskfs/cli.py -nt "$MAN/vdiskfs.1" ] ||
     [ "$stamp" -nt "$MAN/vdiskfs.1" ]; }; then
@@ -105,5 +140,9 @@ MSG
     shift || true
     exec "$VENV/bin/python" bench/run.py "$@"
     ;;
-  *) echo "usage: $0 [mount|test|bench|deps]" >&2; exit 2 ;;
+  ceph)
+    shift
+    exec "$VENV/bin/python" scripts/ceph.py start "$@"
+    ;;
+  *) echo "usage: $0 [mount|test|bench|deps|ceph [stop|status]]" >&2; exit 2 ;;
 esac

@@ -19,6 +19,41 @@ import pytest
 pytest.register_assert_rewrite("support")
 
 from support.common import KernelMounts, Mount, fsck_clean  # noqa: E402
+import support.engine  # noqa: E402
+
+pytest_plugins = ("support.ceph",)      # the ceph_cluster fixture and the ceph marker
+
+
+# ---------------------------------------------------------------------------- chunk stores
+# The engine tests of these modules run twice: with the chunks in the pool directory
+# (``[local]``) and in RADOS on the session's Ceph (``[rados]``; vdiskfs/rados/chunks.py).
+# A test that opens the pool's data or sums file itself carries ``local_chunks`` and runs
+# once.
+BOTH_STORES = {"t1_engine", "t1_engine_io", "t1_engine_partial", "t1_thin", "t1_checksums"}
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__ not in BOTH_STORES:
+        return
+    if metafunc.definition.get_closest_marker("local_chunks"):
+        stores = ["local"]
+    else:
+        stores = ["local", "rados"]
+    metafunc.parametrize("chunk_store", stores, indirect=True)
+
+
+@pytest.fixture(autouse=True)      # autouse: set up before the fixtures that make pools
+def chunk_store(request, monkeypatch):
+    """Where the pools this test makes keep their chunks: "local" or "rados"."""
+    where = getattr(request, "param", "local")
+    if where == "rados":
+        import uuid
+
+        from vdiskfs.rados.cluster import Where
+        cluster = request.getfixturevalue("ceph_cluster")
+        monkeypatch.setattr(support.engine, "STORE", lambda: Where(
+            cluster.pool, "t-" + uuid.uuid4().hex[:16], cluster.conf).record())
+    return where
 
 
 def _missing_fuse() -> str | None:

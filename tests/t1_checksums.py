@@ -10,8 +10,8 @@ import random
 
 import pytest
 
-from support.common import flip_byte
-from support.engine import CS, check, crash, new_pool, pattern, reopen_after_crash, slot
+from support.engine import (CS, check, crash, flip_chunk_byte, new_pool, pattern,
+                            reopen_after_crash, slot)
 
 from vdiskfs.cow import codec, layout
 from vdiskfs.cow.checksum import BLOCK
@@ -30,7 +30,7 @@ def path(tmp_path):
 
 
 def flip(pool_path: str, pos: int, name: str = layout.DATA) -> None:
-    flip_byte(os.path.join(pool_path, name), pos, 0x5A)
+    flip_chunk_byte(pool_path, pos, 0x5A, name)
 
 
 def written(path: str, chunks: int, seed: int) -> bytes:
@@ -226,6 +226,7 @@ def test_fsck_repair_accepts_torn_blocks_but_not_damage(path):
     assert not r.clean and r.stats.get("damaged_blocks") == 1 and "torn_blocks" not in r.stats
 
 
+@pytest.mark.local_chunks
 def test_truncated_data_or_sums_file_is_refused_naming_it(path):
     written(path, 8, 8)
     for name, size in ((layout.DATA, 5 * BIG), (layout.SUMS, 100)):
@@ -269,6 +270,7 @@ def test_a_file_from_another_pool_is_never_used(tmp_path, name):
         Pool(pools[0])
 
 
+@pytest.mark.local_chunks
 def test_a_format_2_pool_gets_its_sums_at_the_first_mount(path):
     data = written(path, 6, 12)
     # What a format 2 vdiskfs left: no sums, no mirror, no header copy, no uuid, no hot.

@@ -282,6 +282,7 @@ def test_partial_zero_write_on_shared_chunk(pool):
     check(pool)
 
 
+@pytest.mark.local_chunks
 def test_zeros_into_hole_allocate_nothing(pool):
     vd = pool.create("A", 0)
     pool.write(vd, 0, bytes(5 * CS + 7))             # extends the size, maps nothing
@@ -458,6 +459,7 @@ def data_blocks(pool) -> int:
     return os.stat(os.path.join(pool.path, layout.DATA)).st_blocks
 
 
+@pytest.mark.local_chunks
 def test_deferred_punches_free_space_later_and_reuse_first(pool):
     """The daemon's commits leave punching to its puncher (fs/puncher.py): freed slots are
     reusable at once, their space comes back when punched, a slot lent to a punch is
@@ -498,6 +500,7 @@ def test_deferred_punches_free_space_later_and_reuse_first(pool):
         p.close()
 
 
+@pytest.mark.local_chunks
 def test_space_a_crash_left_unpunched_comes_back_after_the_next_open(pool):
     """kill -9 after deletes were committed but before the daemon's puncher ran: the next
     open punches the data file past the highest slot in use at once, and every free slot

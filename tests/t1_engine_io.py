@@ -34,6 +34,7 @@ class Calls:
         return self.fn(*args, **kw)
 
 
+@pytest.mark.local_chunks
 def test_a_request_over_fresh_slots_is_one_fallocate_and_one_pwritev(pool, monkeypatch):
     vd = pool.create("A")
     fal = Calls(chunkstore.fallocate)
@@ -52,6 +53,7 @@ def test_a_request_over_fresh_slots_is_one_fallocate_and_one_pwritev(pool, monke
     check(pool)
 
 
+@pytest.mark.local_chunks
 def test_runs_break_where_slots_are_not_consecutive(pool, monkeypatch):
     a, b = pool.create("A"), pool.create("B")
     for i in range(4):                       # interleave: A gets slots 0, 2, 4, 6
@@ -67,6 +69,7 @@ def test_runs_break_where_slots_are_not_consecutive(pool, monkeypatch):
     check(pool)
 
 
+@pytest.mark.local_chunks
 @pytest.mark.parametrize("step", ["fallocate", "pwritev"])
 def test_enospc_maps_nothing_and_gives_the_slots_back(pool, monkeypatch, step):
     vd = pool.create("A")

@@ -187,6 +187,7 @@ def test_a_punch_is_durable_once_synced_and_gone_after_a_crash_before(tmp_path):
     p.close()
 
 
+@pytest.mark.local_chunks
 def test_freed_slots_are_punched_in_the_data_file(tmp_path):
     path = new_pool(tmp_path, chunk_size=1 << 20, page_entries=16)
     p = Pool(path)

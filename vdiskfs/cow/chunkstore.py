@@ -1,11 +1,14 @@
-"""Chunk data and its checksums: fixed-size slots in one sparse data file, and the sum of
-every 4 KiB block of it in the sums file (docs/FORMAT.md).
+"""Chunk data and its checksums: fixed-size slots, and the sum of every 4 KiB block.
 
-The data path (datapath.py) talks to this interface only in slots and offsets within a
-chunk: read into a buffer, write, sums of data-file blocks (block *g* is bytes
-[g * 4096, (g + 1) * 4096) of the data file; its sum is at g * 8 in the sums file), sync,
-release. A later backend (objects in RADOS or S3) can implement the same calls with
-immutable objects and never-reused ids.
+``Chunks`` is the interface the engine talks to (datapath.py, commit.py, scrub.py, fsck):
+positions are *data-file positions* (slot * chunk_size + offset in the chunk, so a run of
+consecutive slots is one range), block *g* is bytes [g * 4096, (g + 1) * 4096) and its sum
+is sums(g). Writes are durable after ``sync`` (invariant 1: before the journal batch that
+points at them); ``release`` gives the space of durably freed slots back.
+
+Implementations: ``ChunkStore`` here, the embedded default: one sparse data file and the
+sums file (docs/FORMAT.md); ``vdiskfs.rados.chunks.RadosChunks``: an object per slot in
+a Ceph RADOS pool.
 """
 
 from __future__ import annotations
@@ -74,23 +77,14 @@ def _runs(slots: list[int]):
         i = j
 
 
-class ChunkStore:
-    def __init__(self, path: str, chunk_size: int, *, readonly: bool = False,
-                 sums_path: str | None = None):
+class Chunks:
+    """What every chunk store keeps and does the same way; the I/O is the subclass's."""
+
+    def __init__(self, chunk_size: int):
         self.chunk_size = chunk_size
-        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
-        self.fd = os.open(path, flags, 0o600)
-        try:
-            self.sfd = os.open(sums_path or path + ".sums", flags, 0o600)
-        except FileNotFoundError:
-            if not readonly:
-                raise
-            self.sfd = -1          # read-only, none yet (format 2): every sum reads as 0
-        # Bytes past the end of the file read as zeros, and so do slots punched by this
-        # process: such a slot may be written partially. Others may hold stale bytes.
-        self.eof = os.fstat(self.fd).st_size
-        self._smap = None
-        self._sq = memoryview(b"").cast("Q")
+        # Bytes past ``eof`` read as zeros, and so do slots punched by this process: such
+        # a slot may be written partially. Others may hold stale bytes.
+        self.eof = 0
         self.punched: set[int] = set()
         self.can_punch = True
         self.can_allocate = True
@@ -102,6 +96,71 @@ class ChunkStore:
     def known_zero(self, slot: int) -> bool:
         """Does the slot read as zeros (so a partial write needs no zero fill)?"""
         return slot * self.chunk_size >= self.eof or slot in self.punched
+
+    def read(self, slot: int) -> bytearray:
+        buf = bytearray(self.chunk_size)
+        self.readinto_at(slot * self.chunk_size, memoryview(buf))
+        return buf
+
+    def write(self, slot: int, off: int, data) -> None:
+        self.writev_at(slot * self.chunk_size + off, [memoryview(data)])
+
+    def rehash(self, g: int, view: memoryview) -> None:
+        """Take the block-aligned bytes ``view`` from data-file block ``g`` on as they are:
+        write their sums (a format upgrade, a lost sums file, a torn block accepted)."""
+        self.write_sums(g, checksum.sums_of(view))
+
+    def take_fresh(self) -> list[int]:
+        """The slots reserved since the last call (and from now on keep them)."""
+        fresh, self.fresh = self.fresh or [], []
+        return fresh
+
+    def take_unsynced(self) -> bool:
+        """Was anything written since the last call? (A commit asks, on the loop thread,
+        before its data sync: a write after that sets the flag for the next commit.)"""
+        was, self.unsynced = self.unsynced, False
+        return was
+
+    def sums(self, g: int, n: int):
+        """The sums of blocks [g, g + n): indexable u64s (a view or an array)."""
+        return self.read_sums(g, n)
+
+    def drop_cache(self, pos: int, size: int) -> None:
+        """Forget cached bytes of the range, so that the next read is of the medium
+        (scrub). Nothing to do where nothing is cached."""
+
+    # The I/O, each store its own (ChunkStore below has them documented).
+    def reserve(self, slots: list[int]) -> None: raise NotImplementedError
+    def read_at(self, pos: int, size: int) -> bytes: raise NotImplementedError
+    def readinto_at(self, pos: int, buf: memoryview) -> None: raise NotImplementedError
+    def writev_at(self, pos: int, views: list) -> None: raise NotImplementedError
+    def read_sums(self, g: int, n: int) -> array: raise NotImplementedError
+    def write_sums(self, g: int, sums: array) -> None: raise NotImplementedError
+    def sums_size(self) -> int: raise NotImplementedError
+    def start_writeback(self, slots: list[int]) -> None: raise NotImplementedError
+    def sync(self, data: bool = True) -> None: raise NotImplementedError
+    def release(self, slots: list[int]) -> None: raise NotImplementedError
+    def release_tail(self, first: int) -> None: raise NotImplementedError
+    def file_size(self) -> int: raise NotImplementedError
+    def allocated_bytes(self) -> int: raise NotImplementedError
+    def close(self) -> None: raise NotImplementedError
+
+
+class ChunkStore(Chunks):
+    def __init__(self, path: str, chunk_size: int, *, readonly: bool = False,
+                 sums_path: str | None = None):
+        super().__init__(chunk_size)
+        flags = os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT
+        self.fd = os.open(path, flags, 0o600)
+        try:
+            self.sfd = os.open(sums_path or path + ".sums", flags, 0o600)
+        except FileNotFoundError:
+            if not readonly:
+                raise
+            self.sfd = -1          # read-only, none yet (format 2): every sum reads as 0
+        self.eof = os.fstat(self.fd).st_size
+        self._smap = None
+        self._sq = memoryview(b"").cast("Q")
 
     def reserve(self, slots: list[int]) -> None:
         """Reserve the space of slots about to be written (ascending, consecutive ones
@@ -139,14 +198,6 @@ class ChunkStore:
         n = os.preadv(self.fd, [buf], pos)
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
-
-    def read(self, slot: int) -> bytearray:
-        buf = bytearray(self.chunk_size)
-        self.readinto_at(slot * self.chunk_size, memoryview(buf))
-        return buf
-
-    def write(self, slot: int, off: int, data) -> None:
-        self.writev_at(slot * self.chunk_size + off, [memoryview(data)])
 
     def writev_at(self, pos: int, views: list[memoryview]) -> None:
         """Write the buffers back to back from data-file position ``pos`` (one pwritev for
@@ -207,11 +258,6 @@ class ChunkStore:
         except OSError as e:
             raise fatal(e, "writing the sums file") from None
 
-    def rehash(self, g: int, view: memoryview) -> None:
-        """Take the block-aligned bytes ``view`` from data-file block ``g`` on as they are:
-        write their sums (a format upgrade, a lost sums file, a torn block accepted)."""
-        self.write_sums(g, checksum.sums_of(view))
-
     def sums_size(self) -> int:
         """How many blocks the sums file covers."""
         return os.fstat(self.sfd).st_size // SUM_SIZE if self.sfd >= 0 else 0
@@ -230,16 +276,11 @@ class ChunkStore:
                 raise fatal(OSError(e, os.strerror(e)), "starting writeback of the data file",
                             sync=True)
 
-    def take_fresh(self) -> list[int]:
-        """The slots reserved since the last call (and from now on keep them)."""
-        fresh, self.fresh = self.fresh or [], []
-        return fresh
-
-    def take_unsynced(self) -> bool:
-        """Was anything written since the last call? (A commit asks, on the loop thread,
-        before its data sync: a write after that sets the flag for the next commit.)"""
-        was, self.unsynced = self.unsynced, False
-        return was
+    def drop_cache(self, pos: int, size: int) -> None:
+        try:
+            os.posix_fadvise(self.fd, pos, size, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
     def sync(self, data: bool = True) -> None:
         for fd, what in ((self.fd, "data"), (self.sfd, "sums"))[0 if data else 1:]:

@@ -34,7 +34,7 @@ import os
 import time
 
 from . import codec, journal as journal_mod, layout
-from .chunkstore import ChunkStore
+from .chunkstore import Chunks
 from .errors import StoreFailed, VDiskError
 from .journal import Journal
 from .meta import Metadata, VDisk
@@ -204,7 +204,7 @@ class Checkpoint(Commit):
 class Commits:
     """Makes the pool's changes durable: prepares commits and checkpoints, runs them."""
 
-    def __init__(self, path: str, meta: Metadata, space: Space, store: ChunkStore,
+    def __init__(self, path: str, meta: Metadata, space: Space, store: Chunks,
                  journal: Journal, txn: Transactions, uuid: str, sync_data: bool = True):
         self.path = path
         self.uuid = uuid

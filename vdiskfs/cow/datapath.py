@@ -41,7 +41,7 @@ import logging
 from array import array
 from . import checksum
 from .checksum import BLOCK
-from .chunkstore import ChunkStore
+from .chunkstore import Chunks
 from .errors import VDiskError
 from .meta import Metadata, VDisk
 from .space import Space
@@ -77,7 +77,7 @@ class Damage:
 
 
 class DataPath:
-    def __init__(self, meta: Metadata, space: Space, store: ChunkStore):
+    def __init__(self, meta: Metadata, space: Space, store: Chunks):
         self.meta = meta
         self.space = space
         self.store = store

@@ -58,6 +58,9 @@ def read_header_file(pool_dir: str, name: str) -> dict:
             raise ValueError("bad page_entries")
         if not isinstance(rec["uuid"], str) or len(rec["uuid"]) != 32:
             raise ValueError("bad uuid")
+        if "store" in rec:          # the chunks live elsewhere (cow/chunkstore.py)
+            from ..rados.cluster import check_record
+            check_record(rec["store"])
     except (KeyError, TypeError, ValueError) as e:
         raise codec.FormatError(f"{path}: bad pool header ({e})") from None
     return rec

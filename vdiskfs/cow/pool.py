@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterator
 
 from . import checksum, codec, journal as journal_mod, layout, names, props
-from .chunkstore import ChunkStore
+from .chunkstore import Chunks, ChunkStore
 from .clones import Clones
 from .commit import FAILED, Commit, Commits, FailStop, Transactions
 from .datapath import DataPath
@@ -69,7 +69,7 @@ class Pool:
         self.readonly = readonly
         self.salvage = salvage
         self._lock_fd = -1
-        self.store: ChunkStore | None = None
+        self.store: Chunks | None = None
         self.journal: journal_mod.Journal | None = None
         self.open_count: dict[int, int] = {}
         self.notes: list[str] = []        # damage the open found and worked around
@@ -79,9 +79,7 @@ class Pool:
             self._lock()
             self._read_header()
             self._load()
-            self.store = store_class(os.path.join(self.path, layout.DATA), self.chunk_size,
-                                     readonly=readonly,
-                                     sums_path=os.path.join(self.path, layout.SUMS))
+            self.store = self._open_store(store_class)
             self.space = Space(self.meta)
             self.failstop = FailStop(self.path)
             self.txn = Transactions(self.meta, self.journal, readonly, self.failstop)
@@ -122,6 +120,16 @@ class Pool:
             raise PoolBusy(f"pool {self.path} is in use (by process {holder or '?'})") from None
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _open_store(self, store_class: type) -> Chunks:
+        where = self.header.get("store")
+        if where is None:
+            return store_class(os.path.join(self.path, layout.DATA), self.chunk_size,
+                               readonly=self.readonly,
+                               sums_path=os.path.join(self.path, layout.SUMS))
+        from ..rados.chunks import RadosChunks, Where     # only pools that use it
+        return RadosChunks.open(Where.from_record(where), self.chunk_size,
+                                readonly=self.readonly)
 
     def _read_header(self) -> None:
         """Either copy of the header will do; copies that disagree are from two pools and
@@ -724,18 +732,31 @@ class Pool:
 
 
 def create_pool(path: str, chunk_size: int = layout.DEFAULT_CHUNK_SIZE,
-                page_entries: int = layout.DEFAULT_PAGE_ENTRIES) -> None:
-    """Make a new pool in ``path`` (missing or empty directory)."""
+                page_entries: int = layout.DEFAULT_PAGE_ENTRIES,
+                store: dict | None = None) -> None:
+    """Make a new pool in ``path`` (missing or empty directory). ``store``: where its
+    chunks live if not in the directory (a record of vdiskfs.rados.cluster.Where, whose
+    namespace must hold no chunks yet)."""
     layout.check_chunk_size(chunk_size)
     os.makedirs(path, exist_ok=True)
     if os.listdir(path):
         raise FileExistsError(f"{path} is not empty and holds no vdiskfs pool")
     hdr = layout.header_record(chunk_size, page_entries)
+    if store is not None:
+        from ..rados.chunks import RadosChunks, Where
+        chunks = RadosChunks.open(Where.from_record(store), chunk_size, readonly=True)
+        try:
+            if chunks.count:
+                raise FileExistsError(f"RADOS namespace {store['namespace']!r} of pool "
+                                      f"{store['pool']!r} already holds chunks")
+        finally:
+            chunks.close()
+        hdr["store"] = dict(store)
     m = Metadata(chunk_size, page_entries)
     layout.write_file_atomic(path, layout.CHECKPOINT,
                              codec.frame_record(m.to_record(0, hdr["uuid"])))
     journal_mod.create(path, 0, hdr["uuid"])
-    for name in (layout.DATA, layout.SUMS):
+    for name in (layout.DATA, layout.SUMS) if store is None else ():
         os.close(os.open(os.path.join(path, name), os.O_CREAT | os.O_WRONLY, 0o600))
     # The headers come last: their presence is what makes the directory a pool.
     layout.write_headers(path, hdr)

@@ -18,7 +18,6 @@ are skipped.
 
 from __future__ import annotations
 
-import os
 from array import array
 from dataclasses import dataclass, field
 
@@ -73,10 +72,7 @@ class Scrub:
         if not run:
             return
         at, size = first * cs, n * cs
-        try:
-            os.posix_fadvise(store.fd, at, size, os.POSIX_FADV_DONTNEED)   # from the disk
-        except OSError:
-            pass
+        store.drop_cache(at, size)                  # from the disk, not the page cache
         data = memoryview(store.read_at(at, size))
         for i in checksum.mismatches(data, store.read_sums(first * nb, n * nb)):
             g = first * nb + i

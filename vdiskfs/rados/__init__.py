@@ -1,0 +1,1 @@
+"""Store backends on Ceph RADOS (librados's Python binding, Debian's python3-rados)."""
