@@ -108,7 +108,7 @@ async def test_durability_waits_are_bounded_per_connection(served):
 async def test_buffered_bytes_are_bounded_and_a_stalled_payload_is_cut_off(served):
     srv, ops, sock = served
     srv.budget.total = srv.budget.free = 64 << 10
-    srv.payload_timeout = 1.0
+    srv.stall_timeout = 1.0
     async with trio.open_nursery() as n:
         n.start_soon(srv.run)
         a, b = await client(sock), await client(sock)
@@ -149,3 +149,36 @@ async def test_a_disconnect_answers_what_is_in_flight_first(served):
             s.close()
         n.cancel_scope.cancel()
     assert not srv.exports and srv.clients == 0
+
+
+async def test_clients_that_never_read_their_replies_are_cut_off(served):
+    """Two clients ask for 1 MiB each and never read: their replies hold the whole
+    budget, so a third client's read waits, until the stall watchdog cuts them off."""
+    srv, ops, sock = served
+    srv.budget.total = srv.budget.free = 2 << 20
+    srv.stall_timeout = 1.0
+    async with trio.open_nursery() as n:
+        n.start_soon(srv.run)
+        hogs = [await client(sock) for _ in range(2)]
+        other = await client(sock)
+        try:
+            for i, h in enumerate(hogs):
+                h.sendall(req(READ, 0, 1 << 20, i))
+            await trio.sleep(0.2)
+            other.sendall(req(READ, 0, 4096, 7))
+            got = await trio.to_thread.run_sync(reply, other, {7: 4096})
+            assert got[:2] == (7, 0) and got[2] == bytes(4096)
+            with trio.fail_after(30):            # the other hog goes too (its own watchdog)
+                while srv.clients > 1:
+                    await trio.sleep(0.05)
+            for h in hogs:                       # cut off: what they had is dropped
+                h.settimeout(10)
+                data = b""
+                while chunk := await trio.to_thread.run_sync(h.recv, 1 << 20):
+                    data += chunk
+                assert len(data) < 16 + (1 << 20), "a hog got its whole reply"
+            assert srv.budget.free == srv.budget.total
+        finally:
+            for s in hogs + [other]:
+                s.close()
+        n.cancel_scope.cancel()

@@ -28,8 +28,8 @@ Semantics (docs/NBD.md):
   writes past the end; EPERM on read-only exports). Nothing past an export's end is read
   or written. At most ``MAX_CLIENTS`` connections, ``MAX_REQUEST`` bytes per request,
   ``MAX_PENDING`` durability waits per connection and ``MAX_BUFFERED`` bytes of payloads
-  and replies held over all connections; a write's payload must arrive within
-  ``PAYLOAD_TIMEOUT``.
+  and replies held over all connections; a write's payload or a reply that stalls for
+  ``STALL_TIMEOUT`` costs the connection.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 MAX_CLIENTS = 64
 MAX_PENDING = 64                       # requests waiting for durability, per connection
 MAX_BUFFERED = 256 << 20               # payloads and read replies held, all connections
-PAYLOAD_TIMEOUT = 60.0                 # seconds a write's payload may take to arrive
+STALL_TIMEOUT = 60.0                   # seconds a payload or a reply may stall
 CLOSE_GRACE = 5.0                      # seconds to answer what is in flight at a close
 WRITES = (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES)
 MAX_REQUEST = 32 << 20                 # bytes per READ/WRITE (NBD_INFO_BLOCK_SIZE maximum)
@@ -110,9 +110,10 @@ async def recv_exactly(stream: trio.abc.Stream, n: int) -> bytes:
 class Replies:
     """One connection's replies: whole, one at a time (tasks answer out of order)."""
 
-    def __init__(self, stream: trio.abc.Stream, conn: Conn):
+    def __init__(self, stream: trio.abc.Stream, conn: Conn, stall: Stall):
         self.stream = stream
         self.conn = conn
+        self.stall = stall
         self._busy = False         # a plain flag and a lot: cheaper than trio.Lock per reply
         self._lot = trio.lowlevel.ParkingLot()
 
@@ -130,9 +131,11 @@ class Replies:
         while self._busy:          # another task's reply is half sent
             await self._lot.park()
         self._busy = True
+        self.stall.sending = time.monotonic()
         try:
             await self.stream.send_all(data)
         finally:
+            self.stall.sending = 0.0
             self._busy = False
             if self._lot:
                 self._lot.unpark()
@@ -140,7 +143,13 @@ class Replies:
 
 @dataclass
 class Stall:
-    started: float = 0.0           # time.monotonic() when a write's payload began to arrive
+    """When (time.monotonic()) what a connection waits for on its peer began: a write's
+    payload arriving, a reply leaving. 0: not waiting."""
+    receiving: float = 0.0
+    sending: float = 0.0
+
+    def since(self) -> float:
+        return min(t for t in (self.receiving, self.sending, float("inf")) if t)
 
 
 class ByteBudget:
@@ -167,7 +176,7 @@ class ByteBudget:
 
 class NbdServer:
     max_pending = MAX_PENDING          # per connection (instance attributes in tests)
-    payload_timeout = PAYLOAD_TIMEOUT
+    stall_timeout = STALL_TIMEOUT
 
     def __init__(self, ops: Any, config: NbdConfig):
         self.ops = ops                 # fs/operations.py's Operations: pool, syncer, caches
@@ -261,9 +270,9 @@ class NbdServer:
             return None, (p.REP_ERR_POLICY, f"VDisk {name} is a clone that has not completed")
         return vd, None
 
-    def _flags(self, vd) -> int:
+    def _flags(self, conn: Conn) -> int:
         f = (p.TF_HAS_FLAGS | p.TF_SEND_FLUSH | p.TF_SEND_FUA | p.TF_CAN_MULTI_CONN)
-        if self.config.readonly_for(vd.name):
+        if conn.readonly:
             return f | p.TF_READ_ONLY
         return f | p.TF_SEND_TRIM | p.TF_SEND_WRITE_ZEROES
 
@@ -305,9 +314,10 @@ class NbdServer:
                 vd, err = self._find(data.decode("utf-8", "replace"))
                 if vd is None:
                     raise Closed(err[1])     # proto.md: no error reply to EXPORT_NAME
-                await stream.send_all(p.EXPORT_NAME_REPLY.pack(vd.size, self._flags(vd))
-                                      + (b"" if no_zeroes else bytes(124)))
-                return vd, self._selected(conn, vd)
+                self._select(conn, vd)
+                await self._sent_holding(vd, stream, p.EXPORT_NAME_REPLY.pack(
+                    vd.size, self._flags(conn)) + (b"" if no_zeroes else bytes(124)))
+                return vd, conn
             if opt == p.OPT_ABORT:
                 await stream.send_all(p.option_reply(opt, p.REP_ACK))
                 raise Closed("aborted")
@@ -333,15 +343,21 @@ class NbdServer:
                 if vd is None:
                     await stream.send_all(p.option_reply(opt, err[0], err[1].encode()))
                     continue
-                out = p.option_reply(opt, p.REP_INFO, p.info_export(vd.size, self._flags(vd)))
+                # What the reply says is what is served: decided here, before any await
+                # (a rename or delete may come while the reply is sent).
+                chosen = self._select(Conn(**vars(conn)), vd)
+                out = p.option_reply(opt, p.REP_INFO, p.info_export(vd.size,
+                                                                    self._flags(chosen)))
                 if p.INFO_BLOCK_SIZE in reqs:
                     out += p.option_reply(opt, p.REP_INFO, p.info_block_size(
                         vd.props["lba_size"], PREFERRED_BLOCK, MAX_REQUEST))
                 if p.INFO_NAME in reqs:
                     out += p.option_reply(opt, p.REP_INFO, p.info_name(vd.name))
-                await stream.send_all(out + p.option_reply(opt, p.REP_ACK))
+                out += p.option_reply(opt, p.REP_ACK)
                 if opt == p.OPT_GO:
-                    return vd, self._selected(conn, vd)
+                    await self._sent_holding(vd, stream, out)
+                    return vd, chosen
+                await stream.send_all(out)
                 continue
             if opt == p.OPT_STRUCTURED_REPLY:
                 if data:
@@ -379,11 +395,33 @@ class NbdServer:
                                  + p.BASE_ALLOCATION.encode())
         return out + p.option_reply(opt, p.REP_ACK)
 
-    def _selected(self, conn: Conn, vd) -> Conn:
+    def _select(self, conn: Conn, vd) -> Conn:
+        """``conn`` as it will serve ``vd``: read-only or not by its name now (a rename
+        later changes nothing for this connection)."""
         if conn.meta_export is not None and conn.meta_export != vd.name:
             conn.allocation = False     # chosen for another export: void (proto.md)
-        conn.readonly = self.config.readonly_for(vd.name)   # as negotiated, even if renamed later
+        conn.readonly = self.config.readonly_for(vd.name)
         return conn
+
+    async def _sent_holding(self, vd, stream, reply: bytes) -> None:
+        """Send the reply that starts transmission with ``vd`` already in use, so that no
+        delete or replacing rename slips in while it is sent; released by _transmission
+        (or here, if the reply cannot be sent)."""
+        self.pool.opened(vd)
+        self.exports[vd.vid] = self.exports.get(vd.vid, 0) + 1
+        try:
+            await stream.send_all(reply)
+        except BaseException:
+            self._release(vd)
+            raise
+
+    def _release(self, vd) -> None:
+        self.exports[vd.vid] -= 1
+        if not self.exports[vd.vid]:
+            del self.exports[vd.vid]
+        self.pool.released(vd)
+        if vd.vid not in self.ops.lookups:
+            self.pool.forget(vd)
 
     # ------------------------------------------------------------ transmission
     async def _transmission(self, stream, vd, conn: Conn) -> None:
@@ -394,23 +432,24 @@ class NbdServer:
         ``max_pending`` such waits per connection (then the next request waits to be
         read), one request's payload and one reply buffered per connection, and
         ``MAX_BUFFERED`` bytes of those over all connections."""
-        pool = self.pool
-        pool.opened(vd)           # in use: no delete, no replacing rename, no lba_size
-        self.exports[vd.vid] = self.exports.get(vd.vid, 0) + 1
+        # vd is in use since its GO (_sent_holding): no delete, replacing rename, lba_size
         log.info("NBD: serving %s to a client", vd.name)
-        out = Replies(stream, conn)
-        pending = trio.Semaphore(self.max_pending)
         stall = Stall()
+        out = Replies(stream, conn, stall)
+        pending = trio.Semaphore(self.max_pending)
         failure: BaseException | None = None
         try:
             async with trio.open_nursery() as waits:
                 reading = trio.CancelScope()
-                watch = await waits.start(self._watch_payloads, reading, stall)
+                watch = await waits.start(self._watch_stalls, reading, stall)
                 try:
                     with reading:
                         await self._requests(stream, out, vd, conn, waits, pending, stall)
                     if reading.cancelled_caught:
-                        raise Closed(f"a write's payload took over {self.payload_timeout:g} s")
+                        log.warning("NBD: a client of %s left a payload or a reply stalled "
+                                    "for over %g s: cut off", vd.name, self.stall_timeout)
+                        raise Closed(f"the client left a payload or a reply stalled for "
+                                     f"over {self.stall_timeout:g} s")
                 except (Closed, p.ProtocolError, trio.BrokenResourceError,
                         trio.ClosedResourceError, ssl.SSLError) as e:
                     # Replies still waiting may yet reach a client that only shut
@@ -421,12 +460,7 @@ class NbdServer:
                     watch.cancel()
             # DISC: every request in flight has been answered (proto.md)
         finally:
-            self.exports[vd.vid] -= 1
-            if not self.exports[vd.vid]:
-                del self.exports[vd.vid]
-            pool.released(vd)
-            if vd.vid not in self.ops.lookups:
-                pool.forget(vd)
+            self._release(vd)
         if failure is not None:
             raise failure
 
@@ -452,9 +486,9 @@ class NbdServer:
                 if ctype == p.CMD_WRITE:
                     if length > MAX_REQUEST:
                         raise p.ProtocolError(f"write of {length} bytes")
-                    stall.started = time.monotonic()
+                    stall.receiving = time.monotonic()
                     payload = await recv_exactly(stream, length)
-                    stall.started = 0.0
+                    stall.receiving = 0.0
                 if ctype == p.CMD_BLOCK_STATUS and conn.allocation:
                     await out.send(await self._block_status(vd, cookie, cflags, off, length))
                     continue
@@ -471,15 +505,16 @@ class NbdServer:
             await pending.acquire()
             waits.start_soon(self._reply_when_durable, out, pending, vd, cookie, ctype)
 
-    async def _watch_payloads(self, reading: trio.CancelScope, stall: "Stall",
-                              task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Cut off a connection whose write payload stalls (it holds buffer budget).
-        A watchdog per connection, not a deadline per request: that costs every write."""
+    async def _watch_stalls(self, reading: trio.CancelScope, stall: Stall,
+                            task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Cut off a connection whose write payload stops arriving or whose replies stop
+        being read (either holds buffer budget that other clients wait for). A watchdog
+        per connection, not a deadline per request: that would cost every request."""
         with trio.CancelScope() as scope:
             task_status.started(scope)
             while True:
-                await trio.sleep(self.payload_timeout / 4)
-                if stall.started and time.monotonic() - stall.started > self.payload_timeout:
+                await trio.sleep(self.stall_timeout / 4)
+                if time.monotonic() - stall.since() > self.stall_timeout:
                     reading.cancel()
                     return
 
@@ -509,7 +544,11 @@ class NbdServer:
                 if length > MAX_REQUEST or end > vd.size:
                     return p.EINVAL, b""
                 await self._coherent_read(vd, off, length)
-                return 0, bytes(self.pool.read(vd, off, length))
+                if end > vd.size:        # shrunk meanwhile (a truncate through the file)
+                    return p.EINVAL, b""
+                data = bytes(self.pool.read(vd, off, length))
+                assert len(data) == length, "a read within the VDisk is whole"
+                return 0, data
             if ctype == p.CMD_FLUSH:
                 return 0, b""
             if ctype not in WRITES:
@@ -523,11 +562,18 @@ class NbdServer:
                 call, args = self.pool.write, (vd, off, payload)
             else:
                 call, args = self.pool.fallocate, (vd, PUNCH, off, length)
+
+            def within() -> None:
+                """Checked again after every wait: an NBD write never grows the VDisk
+                (the file may have shrunk meanwhile)."""
+                if end > vd.size:
+                    raise VDiskError(errno.ENOSPC, "past the end of the VDisk")
+                call(*args)
             if length:
                 try:
-                    call(*args)
+                    within()
                 except OSError as e:     # ENOSPC with frees pending: commit them, retry once
-                    await self.ops._retry_enospc(e, call, *args)    # noqa: SLF001
+                    await self.ops._retry_enospc(e, within)    # noqa: SLF001
             await self._dropped(vd, off, length)
             return 0, b""
         except VDiskError as e:
@@ -545,6 +591,8 @@ class NbdServer:
         if cflags & ~p.CMD_FLAGS_KNOWN or not length or end > vd.size:
             return p.structured_error(cookie, p.EINVAL)
         await self._coherent_read(vd, off, length)   # dirty pages are data
+        if end > vd.size:            # shrunk meanwhile
+            return p.structured_error(cookie, p.EINVAL)
         extents, pos = [], off
         one = bool(cflags & p.CMD_FLAG_REQ_ONE)
         while pos < end and len(extents) < MAX_EXTENTS:
