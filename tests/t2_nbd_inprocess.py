@@ -12,21 +12,12 @@ import pytest
 import trio
 
 from support.engine import new_pool
-from support.nbd_raw import FLUSH, FUA, READ, WRITE, go, raw_client, recv_exact
+from support.nbd_raw import FLUSH, FUA, READ, WRITE, go, raw_client, recv_exact, req
 
 from vdiskfs.cow.pool import Pool
 from vdiskfs.fs.operations import Operations
 from vdiskfs.nbd.config import Endpoint, NbdConfig
 from vdiskfs.nbd.server import NbdServer
-
-REQ = ">IHHQQI"
-MAGIC = 0x25609513
-
-
-def req(ctype: int, off: int, length: int, cookie: int, flags: int = 0,
-        payload: bytes = b"") -> bytes:
-    return struct.pack(REQ, MAGIC, flags, ctype, cookie, off, length) + payload
-
 
 def reply(s: socket.socket, read_len: dict | None = None) -> tuple[int, int, bytes]:
     """(cookie, error, data) of the next simple reply; ``read_len`` maps read cookies to

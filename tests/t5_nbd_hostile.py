@@ -18,7 +18,6 @@ import fcntl
 import json
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -28,7 +27,8 @@ import time
 
 import pytest
 
-from support.nbd_raw import closed, go, raw_client, recv_exact, request
+from support.nbd_raw import closed, go, raw_client, recv_exact, req, request
+from t4_nbd import nbd_tools, served  # noqa: F401  (the fixtures: a mount serving NBD)
 from support.common import (assert_user_error, daemon_log, flip_byte, read_file, run,
                             vdiskfs, wait_until, write_file)
 
@@ -36,39 +36,9 @@ pytestmark = pytest.mark.mount
 
 MiB = 1 << 20
 PY = "/usr/bin/python3"     # python3-libnbd is Debian's, for Debian's python
-MAGIC = 0x25609513
 SIMPLE = 0x67446698
 IHAVEOPT = 0x49484156454F5054
 READ, WRITE, DISC, FLUSH, TRIM = 0, 1, 2, 3, 4
-
-
-def _missing() -> str | None:
-    for tool in ("nbdinfo",):
-        if shutil.which(tool) is None:
-            return tool
-    if subprocess.run([PY, "-c", "import nbd"], capture_output=True).returncode:
-        return "python3-libnbd"
-    return None
-
-
-@pytest.fixture
-def served(new_mount, tmp_path):
-    missing = _missing()
-    if missing:
-        msg = f"{missing} is not installed (bash scripts/setup.sh test installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip("LOUD SKIP: " + msg)
-    sock = str(tmp_path / "nbd.sock")
-    m = new_mount
-    m.sock = sock
-    m.uri = lambda name: f"nbd+unix:///{name}?socket={sock}"
-    return m
-
-
-def req(ctype: int, off: int, length: int, cookie: int, flags: int = 0,
-        payload: bytes = b"") -> bytes:
-    return struct.pack(">IHHQQI", MAGIC, flags, ctype, cookie, off, length) + payload
 
 
 def libnbd(tmp_path, script: str, *args: str, check: bool = True,

@@ -60,8 +60,14 @@ def go_error(s: socket.socket, name: bytes) -> tuple[int, bytes]:
     return rtype, recv_exact(s, n) if n else b""
 
 
+def req(ctype: int, off: int, length: int, cookie: int, flags: int = 0,
+        payload: bytes = b"") -> bytes:
+    """One request's bytes (sent as they are: pipelining is the caller's)."""
+    return struct.pack(">IHHQQI", REQUEST_MAGIC, flags, ctype, cookie, off, length) + payload
+
+
 def request(s, ctype, off, length, flags=0, payload=b"", cookie=7) -> int:
-    s.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, ctype, cookie, off, length) + payload)
+    s.sendall(req(ctype, off, length, cookie, flags, payload))
     magic, err, got = struct.unpack(">IIQ", recv_exact(s, 16))
     assert magic == SIMPLE_REPLY_MAGIC and got == cookie
     return err
