@@ -38,7 +38,7 @@ def pytest_generate_tests(metafunc):
     if metafunc.definition.get_closest_marker("local_chunks"):
         stores = ["local"]
     else:
-        stores = ["local", "rados"]
+        stores = ["local", pytest.param("rados", marks=pytest.mark.ceph)]
     metafunc.parametrize("chunk_store", stores, indirect=True)
 
 
