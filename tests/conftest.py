@@ -28,7 +28,7 @@ pytest_plugins = ("support.ceph",)      # the ceph_cluster fixture and the ceph 
 # The engine tests of these modules run twice: with the chunks in the pool directory
 # (``[local]``) and in RADOS on the session's Ceph (``[rados]``; vdiskfs/rados/chunks.py).
 # A test that opens the pool's data or sums file itself carries ``local_chunks`` and runs
-# once.
+# once; of a test parametrized further, the first case runs on RADOS.
 BOTH_STORES = {"t1_engine", "t1_engine_io", "t1_engine_partial", "t1_thin", "t1_checksums"}
 
 
@@ -40,6 +40,24 @@ def pytest_generate_tests(metafunc):
     else:
         stores = ["local", pytest.param("rados", marks=pytest.mark.ceph)]
     metafunc.parametrize("chunk_store", stores, indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On RADOS, one run per test function: of a test parametrized further (seeds, failure
+    points) only its first case, which keeps the suite within its time."""
+    seen, keep, dropped = set(), [], []
+    for item in items:
+        cs = getattr(item, "callspec", None)
+        if cs is not None and cs.params.get("chunk_store") == "rados":
+            key = (item.module.__name__, item.originalname)
+            if key in seen:
+                dropped.append(item)
+                continue
+            seen.add(key)
+        keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True)      # autouse: set up before the fixtures that make pools

@@ -36,11 +36,16 @@ def check_chunk_size(cs: int) -> None:
                          f"{MAX_CHUNK_SIZE} bytes, not {cs}")
 
 
-def header_record(chunk_size: int, page_entries: int = DEFAULT_PAGE_ENTRIES) -> dict:
+def header_record(chunk_size: int, page_entries: int = DEFAULT_PAGE_ENTRIES,
+                  store: dict | None = None) -> dict:
+    """A new pool's header; ``store``: where its chunks live if not in the directory."""
     check_chunk_size(chunk_size)
-    return {"kind": "pool", "v": codec.FORMAT_VERSION, "chunk_size": chunk_size,
-            "page_entries": page_entries, "uuid": uuid.uuid4().hex,
-            "created_ns": time.time_ns()}
+    rec = {"kind": "pool", "v": codec.FORMAT_VERSION, "chunk_size": chunk_size,
+           "page_entries": page_entries, "uuid": uuid.uuid4().hex,
+           "created_ns": time.time_ns()}
+    if store is not None:
+        rec["store"] = dict(store)
+    return rec
 
 
 def is_pool(pool_dir: str) -> bool:

@@ -741,7 +741,7 @@ def create_pool(path: str, chunk_size: int = layout.DEFAULT_CHUNK_SIZE,
     os.makedirs(path, exist_ok=True)
     if os.listdir(path):
         raise FileExistsError(f"{path} is not empty and holds no vdiskfs pool")
-    hdr = layout.header_record(chunk_size, page_entries)
+    hdr = layout.header_record(chunk_size, page_entries, store)
     if store is not None:
         from ..rados.chunks import RadosChunks, Where
         chunks = RadosChunks.open(Where.from_record(store), chunk_size, readonly=True)
@@ -751,7 +751,6 @@ def create_pool(path: str, chunk_size: int = layout.DEFAULT_CHUNK_SIZE,
                                       f"{store['pool']!r} already holds chunks")
         finally:
             chunks.close()
-        hdr["store"] = dict(store)
     m = Metadata(chunk_size, page_entries)
     layout.write_file_atomic(path, layout.CHECKPOINT,
                              codec.frame_record(m.to_record(0, hdr["uuid"])))
