@@ -153,21 +153,27 @@ async def test_clients_that_never_read_their_replies_are_cut_off(served):
         hogs = [await client(sock) for _ in range(2)]
         other = await client(sock)
         try:
-            for i, h in enumerate(hogs):
-                h.sendall(req(READ, 0, 1 << 20, i))
-            await trio.sleep(0.2)
-            other.sendall(req(READ, 0, 4096, 7))
-            got = await trio.to_thread.run_sync(reply, other, {7: 4096})
-            assert got[:2] == (7, 0) and got[2] == bytes(4096)
-            with trio.fail_after(30):            # the other hog goes too (its own watchdog)
-                while srv.clients > 1:
-                    await trio.sleep(0.05)
+            async with ops.syncer._lock:   # hog 0's FUA write waits for durability
+                hogs[0].sendall(req(WRITE, 0, 512, 100, FUA, b"f" * 512))
+                for i, h in enumerate(hogs):
+                    h.sendall(req(READ, 0, 1 << 20, i))
+                await trio.sleep(0.2)
+                other.sendall(req(READ, 0, 4096, 7))
+                got = await trio.to_thread.run_sync(reply, other, {7: 4096})
+                assert got[:2] == (7, 0) and got[2][:512] == b"f" * 512
+                with trio.fail_after(30):        # both readers cut off, their bytes back
+                    while srv.budget.free < srv.budget.total:
+                        await trio.sleep(0.05)
+            # Hog 0's FUA write is durable now, within the grace its connection gives
+            # what is in flight, and hog 0 reads again: the FUA reply must not follow
+            # the read reply cut short (it would be taken for that reply's data).
             for h in hogs:                       # cut off: what they had is dropped
                 h.settimeout(10)
                 data = b""
                 while chunk := await trio.to_thread.run_sync(h.recv, 1 << 20):
                     data += chunk
                 assert len(data) < 16 + (1 << 20), "a hog got its whole reply"
+                assert b"\x67\x44\x66\x98" not in data[16:], "a reply after a cut one"
             assert srv.budget.free == srv.budget.total
         finally:
             for s in hogs + [other]:

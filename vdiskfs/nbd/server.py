@@ -115,6 +115,7 @@ class Replies:
         self.conn = conn
         self.stall = stall
         self._busy = False         # a plain flag and a lot: cheaper than trio.Lock per reply
+        self.cut = False           # a reply was cut short: nothing more may follow it
         self._lot = trio.lowlevel.ParkingLot()
 
     def reply(self, cookie: int, ctype: int, off: int, error: int, data: bytes) -> bytes:
@@ -130,11 +131,19 @@ class Replies:
     async def send(self, data: bytes) -> None:
         while self._busy:          # another task's reply is half sent
             await self._lot.park()
+        if self.cut:
+            raise trio.ClosedResourceError("a reply was cut short on this connection")
         self._busy = True
         self.stall.sending = time.monotonic()
+        sent = False
         try:
             await self.stream.send_all(data)
+            sent = True
         finally:
+            if not sent:
+                # Cancelled or failed midway: the stream ends inside a reply, and any
+                # bytes after it would be taken for the rest of that reply's data.
+                self.cut = True
             self.stall.sending = 0.0
             self._busy = False
             if self._lot:
