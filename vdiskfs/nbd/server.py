@@ -107,6 +107,14 @@ async def recv_exactly(stream: trio.abc.Stream, n: int) -> bytes:
     return bytes(buf)
 
 
+def _within(vd, end: int, call, args) -> None:
+    """``call(*args)`` if the request still ends within the VDisk: checked after every
+    wait (the file may have shrunk meanwhile), so an NBD write never grows a VDisk."""
+    if end > vd.size:
+        raise VDiskError(errno.ENOSPC, "past the end of the VDisk")
+    call(*args)
+
+
 class Replies:
     """One connection's replies: whole, one at a time (tasks answer out of order)."""
 
@@ -168,6 +176,13 @@ class ByteBudget:
     def __init__(self, total: int):
         self.total = self.free = total
         self._lot = trio.lowlevel.ParkingLot()
+
+    def try_take(self, n: int) -> int:
+        """``n`` at once if there is room (the usual case: no coroutine), else 0."""
+        if n and self.free >= n:
+            self.free -= n
+            return n
+        return 0
 
     async def take(self, n: int) -> int:
         n = min(n, self.total)
@@ -485,11 +500,7 @@ class NbdServer:
                 return
             buffered = 0
             if ctype in (p.CMD_WRITE, p.CMD_READ) and length <= MAX_REQUEST:
-                if budget.free >= length:    # the usual case, without a coroutine
-                    budget.free -= length
-                    buffered = length
-                else:
-                    buffered = await budget.take(length)
+                buffered = budget.try_take(length) or await budget.take(length)
             try:
                 payload = b""
                 if ctype == p.CMD_WRITE:
@@ -571,18 +582,11 @@ class NbdServer:
                 call, args = self.pool.write, (vd, off, payload)
             else:
                 call, args = self.pool.fallocate, (vd, PUNCH, off, length)
-
-            def within() -> None:
-                """Checked again after every wait: an NBD write never grows the VDisk
-                (the file may have shrunk meanwhile)."""
-                if end > vd.size:
-                    raise VDiskError(errno.ENOSPC, "past the end of the VDisk")
-                call(*args)
             if length:
                 try:
-                    within()
+                    _within(vd, end, call, args)
                 except OSError as e:     # ENOSPC with frees pending: commit them, retry once
-                    await self.ops._retry_enospc(e, within)    # noqa: SLF001
+                    await self.ops._retry_enospc(e, _within, vd, end, call, args)  # noqa: SLF001
             await self._dropped(vd, off, length)
             return 0, b""
         except VDiskError as e:

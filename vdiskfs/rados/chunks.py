@@ -66,12 +66,12 @@ class RadosChunks(Chunks):
             raise
 
     def __init__(self, cluster, ioctx, chunk_size: int, *, readonly: bool = False):
-        """``ioctx``: on the pool's namespace; this store closes it and ``cluster``."""
+        """``ioctx``: on the pool's namespace; this store closes it and ``cluster``.
+        (``readonly``: the engine writes nothing then; RADOS needs no other mode.)"""
         self._rados = rados_module()
         super().__init__(chunk_size)
         self.cluster = cluster
         self.io = ioctx
-        self.readonly = readonly
         self.nb = chunk_size // BLOCK
         self.can_allocate = False
         self._unacked: deque = deque()      # (completion, bytes, what) in send order
@@ -119,7 +119,7 @@ class RadosChunks(Chunks):
         try:
             c = self.io.aio_write(name, data, offset)
         except self._rados.Error as e:
-            raise fatal(_os_error(e, what), what) from None
+            raise fatal(_os_error(e, "librados"), what) from None
         self._unacked.append((c, len(data), what))
         self._unacked_bytes += len(data)
         self.unsynced = True
@@ -142,7 +142,7 @@ class RadosChunks(Chunks):
             self.fresh += slots
 
     def writev_at(self, pos: int, views: list) -> None:
-        data = b"".join(bytes(v) for v in views) if len(views) != 1 else bytes(views[0])
+        data = b"".join(views)     # one copy: librados takes bytes
         at = 0
         for slot, off, n in self._pieces(pos, len(data)):
             self._send(oid(slot), data[at:at + n], off, f"writing slot {slot}")
@@ -151,6 +151,7 @@ class RadosChunks(Chunks):
         self.eof = max(self.eof, pos + len(data))
 
     def write_sums(self, g: int, sums: array) -> None:
+        native = sums              # the cache holds values, the objects little-endian
         if byteorder != "little":
             sums = array("Q", sums)
             sums.byteswap()
@@ -164,8 +165,7 @@ class RadosChunks(Chunks):
             self._mark(slot, True)
             cached = self._sums.get(slot)
             if cached is not None:
-                cached[b:b + n // SUM_SIZE] = array("Q", sums[at // SUM_SIZE:
-                                                             (at + n) // SUM_SIZE])
+                cached[b:b + n // SUM_SIZE] = native[at // SUM_SIZE:(at + n) // SUM_SIZE]
             at += n
         self.eof = max(self.eof, (g + len(sums)) * BLOCK)
 
@@ -267,7 +267,8 @@ class RadosChunks(Chunks):
                 try:
                     comps.append((slot, self.io.aio_remove(oid(slot))))
                 except self._rados.Error as e:
-                    raise fatal(_os_error(e, f"removing slot {slot}"), "", sync=True) from None
+                    what = f"removing the object of freed slot {slot}"
+                    raise fatal(_os_error(e, "librados"), what, sync=True) from None
             self.punched.add(slot)
         for slot, c in comps:
             c.wait_for_complete()
